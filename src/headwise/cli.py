@@ -1,0 +1,138 @@
+"""The ``headwise`` command line: one subcommand per stage of the loop.
+
+Every subcommand turns a :class:`~headwise.errors.HeadwiseError` into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from headwise import __version__
+from headwise.errors import HeadwiseError
+from headwise.models import DEFAULT_MODEL, REGISTRY
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    """The prompt from the positional argument, ``--file`` or stdin (``-``)."""
+    if args.file is not None and args.prompt is not None:
+        raise HeadwiseError("give the prompt either as an argument or with --file, not both")
+    if args.file is not None:
+        try:
+            return Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HeadwiseError(f"cannot read prompt file '{args.file}': {exc}") from exc
+    if args.prompt is None or args.prompt == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise HeadwiseError("no prompt: pass it as an argument, with --file, or on stdin")
+        return sys.stdin.read()
+    return args.prompt
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from headwise.models import describe
+
+    for name in REGISTRY:
+        spec, installed, info = describe(name)
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {spec.description}")
+        if installed and info is not None:
+            print(f"  installed; {info.summary()}")
+            print(f"  layer types: {', '.join(sorted(set(info.layer_types)))}")
+        else:
+            print(f"  not installed: {spec.install}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from headwise.generation import Sampling, build_prompt, check_length, generate
+    from headwise.models import load_model
+
+    text = read_prompt(args)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.max_new_tokens < 1:
+        raise HeadwiseError("--max-new-tokens must be at least 1")
+    lm = load_model(args.model)
+    ids = build_prompt(lm, text, chat=False if args.no_chat else None)
+    ids = check_length(ids, lm.info.context_length, args.max_new_tokens, truncate=args.truncate)
+    cache = None
+    policy_note = "full cache"
+    if args.policy is not None:
+        from headwise.api import make_cache
+
+        cache = make_cache(
+            lm.model, args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode,
+            prompt_length=len(ids), options=args.option,
+        )
+        policy_note = cache.describe()
+    result = generate(
+        lm, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, cache=cache,
+        chunk_size=args.chunk_size,
+        on_token=lambda t: print(lm.tokenizer.decode([t], skip_special_tokens=True), end="", flush=True),
+    )
+    print()
+    print(
+        f"[{lm.name}, {policy_note}] prompt {result.prompt_tokens} tokens, KV cache {result.kv_bytes / 2**20:.2f} MiB, "
+        f"prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tokens/s",
+        file=sys.stderr,
+    )
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt, optionally with a compressed KV cache")
+    p.add_argument("prompt", nargs="?", help="prompt text, or - for stdin")
+    p.add_argument("--file", "-f", help="read the prompt from this file")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"registry name or local path (default {DEFAULT_MODEL})")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
+    p.add_argument("--policy", default=None, help="compression policy (see `headwise policies`)")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's KV cache to remove, in [0, 1)")
+    p.add_argument("--budget", type=int, default=None, help="KV tokens to keep per head (instead of --ratio)")
+    p.add_argument("--mode", default="prefill", choices=["prefill", "decode"],
+                   help="compress after each prefill chunk, or also keep the budget while decoding")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy or plan option, e.g. -o window=64 -o schedule=pyramid")
+    p.set_defaults(func=cmd_generate)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headwise",
+        description="Profile attention heads, compress the KV cache per head, and benchmark it on long prompts.",
+    )
+    parser.add_argument("--version", action="version", version=f"headwise {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("models", help="list known models, their architecture and whether they are installed").set_defaults(
+        func=cmd_models
+    )
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except HeadwiseError as exc:
+        print(f"headwise: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headwise: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Prompt building and a small generation loop that measures what headwise cares about.
+
+The loop is explicit (prefill, then one token at a time) rather than ``model.generate`` so that it can
+prefill in chunks, time prefill and decoding separately, and report the KV-cache bytes actually held.
+``model.generate`` works with headwise caches too (see :mod:`headwise.api`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, DynamicCache
+
+from headwise.errors import HeadwiseError
+from headwise.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings: greedy when ``temperature`` is 0."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise HeadwiseError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise HeadwiseError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise HeadwiseError(f"top-k must be >= 0, got {self.top_k}")
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """Pick the next token id per row of ``logits`` (shape ``[batch, vocab]``)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) > sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def build_prompt(lm: LoadedModel, text: str, *, chat: bool | None = None) -> list[int]:
+    """Token ids for ``text``; instruct models get their chat template with a generation prompt."""
+    if not text.strip():
+        raise HeadwiseError("the prompt is empty")
+    use_chat = lm.instruct if chat is None else chat
+    tok = lm.tokenizer
+    if use_chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        return list(ids)
+    ids = tok(text)["input_ids"]
+    bos = getattr(tok, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos) and lm.info.model_type.startswith("gemma"):
+        ids = [bos, *ids]
+    return list(ids)
+
+
+def check_length(prompt_ids: list[int], context_length: int, max_new_tokens: int, *, truncate: bool) -> list[int]:
+    """Refuse (or, when asked, left-truncate) a prompt that leaves no room for ``max_new_tokens``."""
+    room = context_length - max_new_tokens
+    if room <= 0:
+        raise HeadwiseError(f"max new tokens ({max_new_tokens}) must be below the context length ({context_length})")
+    if len(prompt_ids) <= room:
+        return prompt_ids
+    if not truncate:
+        raise HeadwiseError(
+            f"the prompt has {len(prompt_ids)} tokens but the model's context is {context_length} "
+            f"(with {max_new_tokens} new tokens); shorten it or pass --truncate to keep the last {room} tokens"
+        )
+    return prompt_ids[-room:]
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes physically held by the key and value tensors of a cache (any headwise or transformers cache)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and what it cost."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    kv_bytes: int
+    prefill_seconds: float
+    decode_seconds: float
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@torch.inference_mode()
+def prefill(
+    model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, *, chunk_size: int | None = None
+) -> torch.Tensor:
+    """Run the prompt through ``model`` into ``cache`` (in chunks when asked); return the last logits."""
+    step = chunk_size or input_ids.shape[1]
+    logits = None
+    for start in range(0, input_ids.shape[1], step):
+        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :]
+    assert logits is not None
+    return logits
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    logits: torch.Tensor,
+    cache: Cache,
+    *,
+    max_new_tokens: int,
+    sampling: Sampling,
+    stop_ids: set[int],
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Generate up to ``max_new_tokens`` for a single sequence from the prefill's last ``logits``."""
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        token = next_token(logits, sampling, generator)
+        tokens.append(int(token[0]))
+        if on_token is not None:
+            on_token(tokens[-1])
+        if tokens[-1] in stop_ids or len(tokens) == max_new_tokens:
+            break
+        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1, :]
+    return tokens
+
+
+def stop_token_ids(lm: LoadedModel) -> set[int]:
+    """Token ids that end a reply: the tokenizer's and the generation config's end-of-sequence ids."""
+    ids: set[int] = set()
+    for source in (lm.tokenizer.eos_token_id, getattr(lm.model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    im_end = lm.tokenizer.convert_tokens_to_ids("<|im_end|>") if lm.instruct else None
+    if isinstance(im_end, int) and im_end != lm.tokenizer.unk_token_id:
+        ids.add(im_end)
+    return ids
+
+
+def generate(
+    lm: LoadedModel,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int = 64,
+    sampling: Sampling | None = None,
+    cache: Cache | None = None,
+    chunk_size: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    """Prefill ``prompt_ids`` then decode, timing both and measuring the cache bytes at the end."""
+    sampling = sampling or Sampling()
+    cache = cache if cache is not None else DynamicCache(config=lm.model.config)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    start = time.perf_counter()
+    logits = prefill(lm.model, input_ids, cache, chunk_size=chunk_size)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = decode(
+        lm.model, logits, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+        stop_ids=stop_token_ids(lm), on_token=on_token,
+    )
+    decode_seconds = time.perf_counter() - start
+    return GenerationResult(
+        token_ids=tokens,
+        text=lm.tokenizer.decode(tokens, skip_special_tokens=True),
+        prompt_tokens=len(prompt_ids),
+        kv_bytes=cache_bytes(cache),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+    )
