@@ -83,7 +83,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, optionally with a compressed KV cache")
     p.add_argument("prompt", nargs="?", help="prompt text, or - for stdin")
     p.add_argument("--file", "-f", help="read the prompt from this file")
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"registry name or local path (default {DEFAULT_MODEL})")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     p.add_argument("--max-new-tokens", "-n", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-k", type=int, default=0)

@@ -133,7 +133,8 @@ class ModelInfo:
 
     def summary(self) -> str:
         sliding = sum(t == "sliding_attention" for t in self.layer_types)
-        kinds = f"{sliding} sliding ({self.sliding_window}) + {self.num_layers - sliding} full" if sliding else "all full"
+        full = self.num_layers - sliding
+        kinds = f"{sliding} sliding ({self.sliding_window}) + {full} full" if sliding else "all full"
         return (
             f"{self.model_type}: {self.num_layers} layers ({kinds}), {self.num_heads} query heads, "
             f"{self.num_kv_heads} KV heads, head size {self.head_dim}, context {self.context_length}"
