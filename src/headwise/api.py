@@ -1,0 +1,137 @@
+"""The Python entry points for compression: build a cache, then use it with any generation loop.
+
+Example
+-------
+>>> cache = make_cache(model, "snapkv", ratio=0.75)          # doctest: +SKIP
+>>> model.generate(input_ids, past_key_values=cache)          # doctest: +SKIP
+
+Question-agnostic use (one compressed context, several questions): prefill the context with the cache
+(:func:`headwise.generation.prefill`, optionally in chunks), call ``cache.seal()``, then append each
+question to a copy of the cache (``copy.deepcopy``) and decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+import headwise.attention  # registers the "headwise" attention function
+from headwise.cache import MODES, HeadwiseCache, Plan
+from headwise.errors import HeadwiseError
+from headwise.policies import POLICIES, make_policy
+
+PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce")
+
+
+def policy_names() -> list[str]:
+    """Names of the registered policies."""
+    return list(POLICIES)
+
+
+def _convert(raw: Any, default: Any, key: str) -> Any:
+    """Convert a command-line string to the type of an option's default."""
+    if not isinstance(raw, str) or isinstance(default, str):
+        return raw
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError as exc:
+        raise HeadwiseError(f"option {key}={raw}: expected a {type(default).__name__}") from exc
+    return raw
+
+
+def parse_options(options: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """``["window=64", "schedule=pyramid"]`` or a dict -> a dict (values still strings from the CLI)."""
+    if options is None:
+        return {}
+    if isinstance(options, dict):
+        return dict(options)
+    parsed: dict[str, Any] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HeadwiseError(f"option '{item}' is not KEY=VALUE")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def make_plan(
+    policy: str,
+    *,
+    ratio: float | None = None,
+    budget: int | None = None,
+    mode: str = "prefill",
+    prompt_length: int | None = None,
+    options: list[str] | dict[str, Any] | None = None,
+) -> Plan:
+    """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed)."""
+    if mode not in MODES:
+        raise HeadwiseError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
+    opts = parse_options(options)
+    plan_defaults = {f.name: f.default for f in dataclasses.fields(Plan) if f.name in PLAN_OPTIONS}
+    plan_opts = {k: _convert(opts.pop(k), plan_defaults[k], k) for k in list(opts) if k in plan_defaults}
+    if policy not in POLICIES:
+        raise HeadwiseError(f"unknown policy '{policy}'; available: {', '.join(POLICIES)}")
+    policy_defaults = {f.name: f.default for f in dataclasses.fields(POLICIES[policy])}
+    policy_opts = {k: _convert(v, policy_defaults.get(k), k) for k, v in opts.items()}
+    try:
+        pol = make_policy(policy, policy_opts)
+    except HeadwiseError as exc:
+        raise HeadwiseError(f"{exc} (plan options: {', '.join(PLAN_OPTIONS)})") from exc
+    if ratio is None and budget is None and not pol.compresses:
+        ratio = 0.0
+    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, **plan_opts)
+    if prompt_length is not None and pol.compresses:
+        if budget is not None and budget > prompt_length:
+            raise HeadwiseError(f"budget {budget} is larger than the prompt ({prompt_length} tokens)")
+        keep = plan.layer_target(prompt_length, 1.0)
+        if ratio is not None and ratio > 0 and round((1 - ratio) * prompt_length) < pol.min_budget():
+            raise HeadwiseError(
+                f"ratio {ratio} keeps {round((1 - ratio) * prompt_length)} of {prompt_length} tokens, below the "
+                f"minimum of policy '{policy}' ({pol.min_budget()} tokens: sinks + window); keeping {keep}"
+                " would not honour the ratio"
+            )
+    return plan
+
+
+def make_cache(
+    model: torch.nn.Module,
+    policy: str = "full",
+    *,
+    ratio: float | None = None,
+    budget: int | None = None,
+    mode: str = "prefill",
+    prompt_length: int | None = None,
+    options: list[str] | dict[str, Any] | None = None,
+) -> HeadwiseCache:
+    """A compressed cache for ``model`` and select the ``"headwise"`` attention on it.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    policy : str
+        A name from :func:`policy_names`.
+    ratio : float, optional
+        Fraction of the tokens removed, in [0, 1).
+    budget : int, optional
+        Tokens kept per KV head (instead of ``ratio``).
+    mode : str
+        ``"prefill"`` (compress after each prefill chunk) or ``"decode"`` (also hold the budget while decoding).
+    prompt_length : int, optional
+        When known, used to check the budget against the prompt.
+    options : list of "KEY=VALUE" or dict
+        Policy options (e.g. ``window``, ``sinks``) and plan options (``schedule``, ``slope``, ``allocation``,
+        ``floor``, ``group_reduce``).
+    """
+    plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options)
+    if model.config._attn_implementation != headwise.attention.NAME:
+        model.set_attn_implementation(headwise.attention.NAME)
+    return HeadwiseCache(model.config, plan)

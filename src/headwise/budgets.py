@@ -1,0 +1,94 @@
+"""How many tokens each layer and each KV head keeps: small pure functions.
+
+* :func:`keep_count`: tokens to keep out of ``seen`` for a ratio removed or a token budget;
+* :func:`layer_fractions`: per-layer multipliers of the average budget (uniform, or a PyramidKV-style
+  linear decrease with depth), averaging to 1;
+* :func:`adaptive_counts`: AdaKV-style split of one layer's budget across its heads, by one top-k over all
+  heads' scores with a floor per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("uniform", "pyramid")
+ALLOCATIONS = ("uniform", "adaptive")
+
+
+def keep_count(seen: int, *, ratio: float | None = None, budget: int | None = None) -> int:
+    """Tokens to keep out of ``seen``: ``round((1 - ratio) * seen)`` or ``min(budget, seen)``."""
+    if (ratio is None) == (budget is None):
+        raise ValueError("give exactly one of ratio and budget")
+    if budget is not None:
+        return min(budget, seen)
+    assert ratio is not None
+    return min(seen, round((1.0 - ratio) * seen))
+
+
+def layer_fractions(num_layers: int, schedule: str = "uniform", slope: float = 0.5) -> list[float]:
+    """Multipliers of the average per-layer budget, one per layer, with mean 1.
+
+    ``pyramid`` (Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
+    Funneling", 2024) decreases linearly from ``1 + slope`` at the first layer to ``1 - slope`` at the last.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+    if schedule == "uniform" or num_layers == 1:
+        return [1.0] * num_layers
+    if not 0 <= slope < 1:
+        raise ValueError(f"pyramid slope must be in [0, 1), got {slope}")
+    return [1.0 + slope * (1.0 - 2.0 * i / (num_layers - 1)) for i in range(num_layers)]
+
+
+def adaptive_counts(scores: list[torch.Tensor], total: int, floor: int) -> list[int]:
+    """Split ``total`` kept tokens across heads by one top-k over all heads' scores, at least ``floor`` each.
+
+    Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation", 2024.
+
+    Parameters
+    ----------
+    scores : list of 1-D tensors
+        One score per stored token for each head (lengths may differ).
+    total : int
+        Tokens to keep over all heads.
+    floor : int
+        Tokens every head keeps at least (or all it has, if fewer).
+
+    Returns
+    -------
+    list of int
+        Tokens kept per head; they sum to ``min(total, all stored tokens)``.
+    """
+    sizes = [s.numel() for s in scores]
+    total = min(total, sum(sizes))
+    base = [min(floor, n) for n in sizes]
+    left = total - sum(base)
+    if left <= 0:
+        # The floors alone exceed the budget: share it as evenly as the heads allow.
+        return _even_split(sizes, total)
+    rest = [torch.sort(s.float(), descending=True).values[b:] for s, b in zip(scores, base, strict=True)]
+    owners = torch.cat([torch.full((r.numel(),), h, dtype=torch.long) for h, r in enumerate(rest)])
+    chosen = owners[torch.topk(torch.cat(rest), left).indices]
+    extra = torch.bincount(chosen, minlength=len(scores)).tolist()
+    return [b + e for b, e in zip(base, extra, strict=True)]
+
+
+def _even_split(sizes: list[int], total: int) -> list[int]:
+    counts = [0] * len(sizes)
+    while total > 0:
+        open_heads = [h for h, n in enumerate(sizes) if counts[h] < n]
+        share = max(1, total // len(open_heads))
+        for h in open_heads:
+            take = min(share, sizes[h] - counts[h], total)
+            counts[h] += take
+            total -= take
+            if total == 0:
+                break
+    return counts
+
+
+def floor_tokens(layer_budget: int, floor_fraction: float) -> int:
+    """AdaKV's per-head floor: a fraction of the head's uniform share, rounded up."""
+    return math.ceil(layer_budget * floor_fraction)

@@ -1,0 +1,395 @@
+"""A KV cache that keeps a different set of tokens per KV head and frees the memory of the rest.
+
+Layout
+------
+Each compressed layer stores, for every KV head ``h``, its own tensors ``keys[h]`` and ``values[h]`` of
+shape ``[batch, n_h, head_dim]``, the original position of every kept token (``positions[h]``, int32) and
+the policy's running score state. Heads of one layer may keep different counts (PyramidKV layer schedules,
+AdaKV head allocation), and eviction allocates new, smaller tensors, so the bytes held follow the kept
+count exactly: nothing is masked in a full-size tensor. Within a batch every row keeps the same count per
+head (different tokens), so the tensors stay rectangular.
+
+Keys are stored after RoPE, so a kept token keeps its original position; new tokens get their positions
+from the logical length (:meth:`CompressedLayer.get_seq_length`), which counts every token ever seen.
+
+Attention over the ragged heads runs in :func:`headwise.attention.headwise_attention`, the attention
+function registered with transformers' ``AttentionInterface`` under the name ``"headwise"``. The layer's
+``update`` hands itself to that function (a thread-local hand-off checked by identity), which attends one
+KV head at a time with its query group, feeds the policy the attention it needs, then lets the layer
+compress. Compressing inside the forward, layer by layer, means the full cache of all layers never exists
+at once, and with chunked prefill the peak stays near budget plus one chunk.
+
+When compression happens
+------------------------
+* after every multi-token forward (prefill or a prefill chunk) until :meth:`HeadwiseCache.seal`;
+* in ``mode="decode"`` also after every decoding step, keeping the layer at its budget.
+
+Sliding-window layers (Gemma 3) keep transformers' own ``DynamicSlidingWindowLayer``: they already hold at
+most one window, and headwise compresses only the global-attention layers.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Cache
+from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
+
+from headwise.budgets import ALLOCATIONS, adaptive_counts, floor_tokens, keep_count, layer_fractions
+from headwise.errors import HeadwiseError
+from headwise.policies.base import Policy
+
+MODES = ("prefill", "decode")
+QUERY_BLOCK = 256  # queries per block when a policy needs the attention of many queries
+
+
+@dataclass
+class Plan:
+    """What to keep, for every compressed layer of a model.
+
+    Parameters
+    ----------
+    policy : Policy
+        Scores tokens (see :mod:`headwise.policies`).
+    ratio, budget : float or int
+        Either the fraction of tokens removed, in [0, 1), or the tokens kept per KV head.
+    mode : str
+        ``"prefill"``: compress after each multi-token forward; ``"decode"``: also keep the budget while
+        generating.
+    schedule : str
+        Per-layer budgets: ``"uniform"`` or ``"pyramid"`` (shrinking with depth, mean unchanged).
+    slope : float
+        Pyramid steepness: first layer ``1 + slope`` times the mean budget, last ``1 - slope``.
+    allocation : str
+        Per-head budgets inside a layer: ``"uniform"`` or ``"adaptive"`` (AdaKV).
+    floor : float
+        With adaptive allocation, the least each head keeps, as a fraction of its uniform share.
+    group_reduce : str
+        How the query heads of one GQA group are combined into one attention row per KV head:
+        ``"mean"`` or ``"max"``.
+    """
+
+    policy: Policy
+    ratio: float | None = None
+    budget: int | None = None
+    mode: str = "prefill"
+    schedule: str = "uniform"
+    slope: float = 0.5
+    allocation: str = "uniform"
+    floor: float = 0.2
+    group_reduce: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.policy.compresses and (self.ratio is None) == (self.budget is None):
+            raise HeadwiseError(f"policy '{self.policy.name}' needs exactly one of a ratio or a budget")
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise HeadwiseError(f"ratio must be in [0, 1), got {self.ratio}")
+        if self.budget is not None and self.budget < max(1, self.policy.min_budget()):
+            raise HeadwiseError(
+                f"budget {self.budget} is below the minimum of policy '{self.policy.name}' "
+                f"({max(1, self.policy.min_budget())} tokens: sinks + window)"
+            )
+        checks = [("mode", self.mode, MODES), ("allocation", self.allocation, ALLOCATIONS),
+                  ("group_reduce", self.group_reduce, ("mean", "max"))]
+        for name, value, allowed in checks:
+            if value not in allowed:
+                raise HeadwiseError(f"unknown {name} '{value}'; use one of {', '.join(allowed)}")
+        if not 0 <= self.floor <= 1:
+            raise HeadwiseError(f"floor must be in [0, 1], got {self.floor}")
+
+    def layer_target(self, seen: int, fraction: float) -> int:
+        """Tokens one KV head of a layer keeps (on average) after ``seen`` tokens."""
+        if not self.policy.compresses:
+            return seen
+        base = keep_count(seen, ratio=self.ratio, budget=self.budget)
+        target = min(seen, round(base * fraction))
+        return max(target, min(seen, self.policy.min_budget()))
+
+    def describe(self) -> str:
+        amount = f"ratio {self.ratio}" if self.ratio is not None else f"budget {self.budget}"
+        if not self.policy.compresses:
+            return self.policy.name
+        return f"{self.policy.name}, {amount}, {self.mode} mode, {self.schedule}/{self.allocation}"
+
+
+class _Handoff(threading.local):
+    layer: CompressedLayer | None = None
+    marker: torch.Tensor | None = None
+
+
+HANDOFF = _Handoff()
+
+
+def take_handoff(key: torch.Tensor) -> CompressedLayer | None:
+    """The compressed layer whose ``update`` returned ``key``, if any (consumed once)."""
+    layer = HANDOFF.layer
+    if layer is None or HANDOFF.marker is not key:
+        return None
+    HANDOFF.layer = HANDOFF.marker = None
+    return layer
+
+
+@dataclass
+class _Head:
+    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    state: torch.Tensor
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        self.keys = torch.cat([self.keys, keys], dim=1)
+        self.values = torch.cat([self.values, values], dim=1)
+        self.positions = torch.cat([self.positions, positions], dim=1)
+        self.state = torch.cat([self.state, keys.new_zeros(positions.shape)], dim=1)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep the tokens at ``index`` [B, k] (sorted), allocating new tensors so the rest is freed."""
+        d = self.keys.shape[-1]
+        wide = index.unsqueeze(-1).expand(-1, -1, d)
+        self.keys = self.keys.gather(1, wide)
+        self.values = self.values.gather(1, wide)
+        self.positions = self.positions.gather(1, index)
+        self.state = self.state.gather(1, index)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[index], self.values[index]
+        self.positions, self.state = self.positions[index], self.state[index]
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One global-attention layer of a :class:`HeadwiseCache` (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, plan: Plan, fraction: float = 1.0, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.plan = plan
+        self.fraction = fraction
+        self.layer_idx = layer_idx
+        self.heads: list[_Head] = []
+        self.seen = 0
+        self.sealed = False
+        self.decode_target: int | None = None
+
+    # transformers cache-layer API -------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        empty = key_states.new_zeros(b, 0, d)
+        self.heads = [
+            _Head(empty, empty, torch.zeros(b, 0, dtype=torch.int32, device=self.device), key_states.new_zeros(b, 0))
+            for _ in range(h)
+        ]
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens of every head and hand this layer to the headwise attention function."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        stale = HANDOFF.layer
+        if stale is not None and stale.layer_idx < self.layer_idx:
+            raise HeadwiseError(
+                "a headwise cache needs the 'headwise' attention implementation: build it with "
+                "headwise.api.make_cache(model, ...) or call model.set_attn_implementation('headwise')"
+            )
+        b, _, q, _ = key_states.shape
+        positions = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, q)
+        for h, head in enumerate(self.heads):
+            head.append(key_states[:, h], value_states[:, h], positions)
+        self.seen += q
+        marker = key_states.new_empty(b, len(self.heads), 0, key_states.shape[-1])
+        HANDOFF.layer, HANDOFF.marker = self, marker
+        return marker, marker
+
+    def get_seq_length(self) -> int:
+        """Logical length: every token seen, kept or not (positions of new tokens follow it)."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Masks are built over logical positions; :meth:`attend` picks the columns of the kept tokens."""
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.heads = []
+        self.seen = 0
+        self.decode_target = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for head in self.heads:
+            head.select_batch(beam_idx.to(self.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.heads:
+            index = torch.arange(self.heads[0].keys.shape[0], device=self.device).repeat_interleave(repeats)
+            self.reorder_cache(index)
+
+    # memory accounting ------------------------------------------------------------------------------------
+
+    def nbytes(self) -> int:
+        """Bytes held by the kept keys and values of all heads."""
+        return sum(h.keys.nbytes + h.values.nbytes for h in self.heads)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of bookkeeping: original positions and policy state of the kept tokens."""
+        return sum(h.positions.nbytes + h.state.nbytes for h in self.heads)
+
+    def kept(self) -> list[int]:
+        """Tokens kept per KV head."""
+        return [h.keys.shape[1] for h in self.heads]
+
+    # attention and compression ----------------------------------------------------------------------------
+
+    def _allowed(self, head: _Head, attention_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
+        """Boolean mask [B, 1, q, n] of the kept keys each new query may see (None: all of them)."""
+        if attention_mask is None:
+            if q == 1:
+                return None
+            query_pos = torch.arange(self.seen - q, self.seen, device=self.device)
+            return (head.positions[:, None, None, :] <= query_pos[None, None, :, None]).expand(-1, 1, -1, -1)
+        if attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask == 0
+        b, n = head.positions.shape
+        mask = attention_mask[:, :, -q:, :].expand(b, 1, q, attention_mask.shape[-1])
+        return mask.gather(-1, head.positions.long()[:, None, None, :].expand(b, 1, q, n))
+
+    def _compressing(self, q: int) -> bool:
+        return self.plan.policy.compresses and not self.sealed and (q > 1 or self.plan.mode == "decode")
+
+    def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Attention of ``query`` [B, Hq, q, d] over the kept tokens, head group by head group.
+
+        Returns the output as [B, q, Hq, d], the layout transformers' attention functions return.
+        """
+        _, hq, q, _ = query.shape
+        group = hq // len(self.heads)
+        compressing = self._compressing(q)
+        needed = self.plan.policy.queries_needed() if compressing else 0
+        outputs = []
+        valid = []
+        for h, head in enumerate(self.heads):
+            q_h = query[:, h * group : (h + 1) * group]
+            allowed = self._allowed(head, attention_mask, q)
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q_h, head.keys[:, None], head.values[:, None], attn_mask=allowed, scale=scaling, enable_gqa=True
+                )
+            )
+            if needed != 0:
+                self._observe(head, q_h, allowed, scaling, needed)
+            if compressing:
+                valid.append(allowed[:, 0, -1, :] if allowed is not None else None)
+        if compressing:
+            self._compress(valid, q)
+        return torch.cat(outputs, dim=1).transpose(1, 2)
+
+    def _observe(
+        self, head: _Head, q_h: torch.Tensor, allowed: torch.Tensor | None, scaling: float, needed: int | None
+    ) -> None:
+        """Feed the policy the attention rows of the queries it needs, a block of queries at a time."""
+        q = q_h.shape[2]
+        first = 0 if needed is None else max(0, q - needed)
+        for start in range(first, q, QUERY_BLOCK):
+            stop = min(q, start + QUERY_BLOCK)
+            logits = torch.matmul(q_h[:, :, start:stop], head.keys[:, None].transpose(-1, -2)) * scaling
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed[:, :, start:stop], float("-inf"))
+            probs = logits.softmax(dim=-1).nan_to_num(0.0)
+            probs = probs.mean(dim=1) if self.plan.group_reduce == "mean" else probs.amax(dim=1)
+            head.state = self.plan.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]
+
+    def target(self, q: int) -> int:
+        """Tokens per head to keep now; in decode mode the budget is frozen at the end of the prefill."""
+        if q > 1 or self.plan.mode != "decode":
+            return self.plan.layer_target(self.seen, self.fraction)
+        if self.decode_target is None:
+            self.decode_target = self.plan.layer_target(self.seen - 1, self.fraction)
+        return self.decode_target
+
+    def scores(self, head: _Head, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
+        """Policy scores [B, n] with protected tokens at +inf and padding at -inf."""
+        policy = self.plan.policy
+        s = policy.score(head.keys[:, None], head.values[:, None], head.state[:, None], head.positions[:, None])[:, 0]
+        s = s.float().clone()
+        n = s.shape[1]
+        is_valid = valid if valid is not None else torch.ones_like(s, dtype=torch.bool)
+        rank = is_valid.long().cumsum(dim=1) - 1
+        protect = is_valid & (rank < policy.sinks)
+        recent = min(policy.recent(budget), n)
+        if recent:
+            protect[:, n - recent :] = True
+        s[protect] = float("inf")
+        s[~is_valid] = float("-inf")
+        return s
+
+    def _compress(self, valid: list[torch.Tensor | None], q: int) -> None:
+        budget = self.target(q)
+        if all(n <= budget for n in self.kept()):
+            return
+        scores = [self.scores(head, v, budget) for head, v in zip(self.heads, valid, strict=True)]
+        if self.plan.allocation == "adaptive":
+            counts = adaptive_counts(
+                [s.mean(dim=0) for s in scores], budget * len(self.heads), floor_tokens(budget, self.plan.floor)
+            )
+        else:
+            counts = [min(budget, s.shape[1]) for s in scores]
+        for head, s, k in zip(self.heads, scores, counts, strict=True):
+            if k < s.shape[1]:
+                head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values)
+
+
+class HeadwiseCache(Cache):
+    """A transformers ``Cache`` whose global-attention layers are :class:`CompressedLayer`.
+
+    Build it with :func:`headwise.api.make_cache`, which also selects the ``"headwise"`` attention.
+    """
+
+    def __init__(self, config, plan: Plan) -> None:
+        text = config.get_text_config()
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise HeadwiseError(f"layer types {unknown} are not supported by the headwise cache")
+        full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
+        fractions = dict(zip(full, layer_fractions(len(full), plan.schedule, plan.slope), strict=True))
+        layers: list[CacheLayerMixin] = [
+            CompressedLayer(plan, fractions[i], i) if i in fractions else DynamicSlidingWindowLayer(text.sliding_window)
+            for i in range(len(layer_types))
+        ]
+        super().__init__(layers=layers)
+        self.plan = plan
+
+    @property
+    def compressed_layers(self) -> list[CompressedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, CompressedLayer)]
+
+    def seal(self) -> None:
+        """Stop compressing after multi-token forwards (the context is done; questions come next)."""
+        for layer in self.compressed_layers:
+            layer.sealed = True
+
+    def kept(self) -> list[list[int]]:
+        """Tokens kept per compressed layer and KV head."""
+        return [layer.kept() for layer in self.compressed_layers]
+
+    def metadata_bytes(self) -> int:
+        return sum(layer.metadata_bytes() for layer in self.compressed_layers)
+
+    def describe(self) -> str:
+        return self.plan.describe()
+

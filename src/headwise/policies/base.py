@@ -1,0 +1,77 @@
+"""The contract every compression policy follows.
+
+A policy is a small dataclass of options plus two pure functions over one layer's cache:
+
+* :meth:`Policy.accumulate` folds the attention that a block of new queries paid to the stored keys into a
+  running per-token state (only for policies whose scores come from attention);
+* :meth:`Policy.score` turns keys, values, that state and the tokens' original positions into one score per
+  stored token. The cache keeps the highest scores.
+
+Shapes: ``B`` batch, ``H`` KV heads (the cache calls policies one KV head at a time, so ``H`` is usually 1),
+``n`` stored tokens, ``q`` new queries, ``d`` head size. Attention handed to ``accumulate`` is already
+averaged over the query heads of each GQA group, so there is one score per KV head.
+
+The cache, not the policy, protects the first ``sinks`` positions and the most recent
+:meth:`Policy.recent` tokens (their score becomes +inf), applies budgets, and frees the evicted memory.
+To add a method, write one file in this folder with a dataclass subclass and register it in
+``policies/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+
+@dataclass
+class Policy:
+    """Base policy: keep everything it is asked to keep, by a score the subclass defines.
+
+    Parameters
+    ----------
+    sinks : int
+        Number of first positions always kept (attention sinks).
+    window : int
+        Number of most recent tokens always kept.
+    """
+
+    name: ClassVar[str] = ""
+    #: False only for the no-compression policy.
+    compresses: ClassVar[bool] = True
+
+    sinks: int = 0
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sinks < 0 or self.window < 0:
+            raise ValueError(f"{self.name}: sinks and window must be >= 0")
+
+    def queries_needed(self) -> int | None:
+        """How many of the latest queries of a forward pass the score needs attention from.
+
+        0 means none (the score uses keys, values and positions only), k the last k, None all of them.
+        """
+        return 0
+
+    def recent(self, budget: int) -> int:
+        """Most recent tokens to protect when keeping ``budget`` tokens (default: ``window``)."""
+        return self.window
+
+    def min_budget(self) -> int:
+        """Smallest token budget that this policy can honour (its protected tokens)."""
+        return self.sinks + self.window
+
+    def accumulate(self, state: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Fold attention ``attn`` [B, H, q, n] of q new, consecutive queries into ``state`` [B, H, n].
+
+        ``state`` holds zeros for tokens stored since the last call. The default ignores attention.
+        """
+        return state
+
+    def score(
+        self, keys: torch.Tensor, values: torch.Tensor, state: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """One score per stored token, [B, H, n]; higher is kept first."""
+        raise NotImplementedError
