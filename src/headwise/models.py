@@ -33,7 +33,7 @@ DEFAULT_MODEL = "smollm2-135m"
 
 def cache_root() -> Path:
     """Folder where dequantized weights are cached (``$HEADWISE_CACHE`` or ``~/.cache/headwise``)."""
-    return Path(os.environ.get("HEADWISE_CACHE", Path.home() / ".cache" / "headwise")).expanduser()
+    return Path(os.environ.get("HEADWISE_CACHE") or Path.home() / ".cache" / "headwise").expanduser()
 
 
 def _package_dir(package: str) -> Path | None:
