@@ -22,7 +22,8 @@ at once, and with chunked prefill the peak stays near budget plus one chunk.
 When compression happens
 ------------------------
 * after every multi-token forward (prefill or a prefill chunk) until :meth:`HeadwiseCache.seal`;
-* in ``mode="decode"`` also after every decoding step, keeping the layer at its budget.
+* in ``mode="decode"`` also after every decoding step, keeping the layer at its budget (a token budget
+  stays fixed; a ratio keeps that fraction of all tokens seen so far).
 
 Sliding-window layers (Gemma 3) keep transformers' own ``DynamicSlidingWindowLayer``: they already hold at
 most one window, and headwise compresses only the global-attention layers.
@@ -175,7 +176,6 @@ class CompressedLayer(CacheLayerMixin):
         self.heads: list[_Head] = []
         self.seen = 0
         self.sealed = False
-        self.decode_target: int | None = None
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -224,7 +224,6 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.heads = []
         self.seen = 0
-        self.decode_target = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -295,7 +294,7 @@ class CompressedLayer(CacheLayerMixin):
             if compressing:
                 valid.append(allowed[:, 0, -1, :] if allowed is not None else None)
         if compressing:
-            self._compress(valid, q)
+            self._compress(valid)
         return torch.cat(outputs, dim=1).transpose(1, 2)
 
     def _observe(
@@ -313,14 +312,6 @@ class CompressedLayer(CacheLayerMixin):
             probs = probs.mean(dim=1) if self.plan.group_reduce == "mean" else probs.amax(dim=1)
             head.state = self.plan.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]
 
-    def target(self, q: int) -> int:
-        """Tokens per head to keep now; in decode mode the budget is frozen at the end of the prefill."""
-        if q > 1 or self.plan.mode != "decode":
-            return self.plan.layer_target(self.seen, self.fraction)
-        if self.decode_target is None:
-            self.decode_target = self.plan.layer_target(self.seen - 1, self.fraction)
-        return self.decode_target
-
     def scores(self, head: _Head, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
         """Policy scores [B, n] with protected tokens at +inf and padding at -inf."""
         policy = self.plan.policy
@@ -337,8 +328,8 @@ class CompressedLayer(CacheLayerMixin):
         s[~is_valid] = float("-inf")
         return s
 
-    def _compress(self, valid: list[torch.Tensor | None], q: int) -> None:
-        budget = self.target(q)
+    def _compress(self, valid: list[torch.Tensor | None]) -> None:
+        budget = self.plan.layer_target(self.seen, self.fraction)
         if all(n <= budget for n in self.kept()):
             return
         scores = [self.scores(head, v, budget) for head, v in zip(self.heads, valid, strict=True)]
