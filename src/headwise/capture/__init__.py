@@ -17,8 +17,8 @@ from headwise.capture.stats import (
     CaptureSettings,
     LayerStats,
     induction_targets,
-    locality_masks,
     pooled_map,
+    window_mass,
 )
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "capture",
     "capture_attention",
     "induction_targets",
-    "locality_masks",
     "pooled_map",
     "register",
+    "window_mass",
 ]

@@ -81,10 +81,14 @@ def capture_attention(
             stop = min(start + step, q_len)
             q_pos = torch.arange(first + start, first + stop)
             allowed = _allowed_keys(attention_mask, q_pos, kv_len, start, stop)
-            scores = torch.matmul(query[0, :, start:stop].float(), keys.transpose(1, 2)) * scale
+            width = first + stop  # causal: keys after the block's last query get no attention
+            if allowed[:, width:].any():
+                width = kv_len
+            allowed = allowed[:, :width]
+            scores = torch.matmul(query[0, :, start:stop].float(), keys[:, :width].transpose(1, 2)) * scale
             probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
             del scores
-            stats.add_block(probs, allowed, q_pos, recorder.targets_for(q_pos), with_map=first == 0)
+            stats.add_block(probs, allowed, q_pos, recorder.targets_for(q_pos), map_len=kv_len if first == 0 else None)
     return output, None
 
 

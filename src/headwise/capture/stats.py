@@ -92,29 +92,39 @@ def induction_targets(token_ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def locality_masks(q_pos: torch.Tensor, kv_len: int, windows: tuple[int, ...], n_sink: int) -> torch.Tensor:
-    """Boolean ``[len(windows), queries, keys]``: key is a sink (position < ``n_sink``) or within the window.
+def _column(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[h, i, index[i]]`` for ``values`` ``[heads, rows, keys]``: one column per row."""
+    return values.gather(-1, index.expand(values.shape[0], -1)[..., None])[..., 0]
 
-    A key ``k`` is in the recent window ``w`` of a query at position ``q`` when ``q - w < k <= q``.
+
+def window_mass(probs: torch.Tensor, q_pos: torch.Tensor, window: int, n_sink: int) -> torch.Tensor:
+    """Attention mass on the sinks plus the recent window, ``[heads, queries]``.
+
+    Only for queries at positions ``q >= window + n_sink``.
+    A key ``k`` is a sink when ``k < n_sink`` and in the recent window when ``q - window < k <= q``; for such
+    queries the two sets are disjoint, so the mass is ``C[n_sink - 1] + C[q] - C[q - window]`` with ``C`` the
+    cumulative sum of the row.
     """
-    k_pos = torch.arange(kv_len)
-    dist = q_pos[:, None] - k_pos[None, :]
-    sink = (k_pos < n_sink)[None, :]
-    return torch.stack([((dist >= 0) & (dist < w)) | sink for w in windows])
+    cum = probs.cumsum(-1)
+    mass = _column(cum, q_pos) - _column(cum, q_pos - window)
+    if n_sink:
+        mass = mass + cum[:, :, n_sink - 1]
+    return mass
 
 
 def pooled_map(probs: torch.Tensor, q_pos: torch.Tensor, kv_len: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool a block of attention rows into a ``size x size`` grid over a sequence of ``kv_len`` positions.
 
+    The rows may cover only the first keys (``probs.shape[-1] <= kv_len``, the rest having no attention).
     Position ``p`` falls in bin ``p * size // kv_len``. Returns the per-bin sums ``[heads, size, size]`` (summed
     over the keys and the queries of each bin) and the number of queries per query bin ``[size]``; dividing the
     first by the second gives, per query bin, the mean attention mass on each key bin.
     """
-    heads, block, _ = probs.shape
-    key_bin = torch.arange(kv_len) * size // kv_len
+    heads, block, width = probs.shape
+    key_bin = torch.arange(width) * size // kv_len
     q_bin = q_pos * size // kv_len
-    per_query = torch.zeros(heads, block, size, dtype=torch.float64).index_add_(2, key_bin, probs.double())
-    sums = torch.zeros(heads, size, size, dtype=torch.float64).index_add_(1, q_bin, per_query)
+    per_query = torch.zeros(heads, block, size, dtype=probs.dtype).index_add_(2, key_bin, probs)
+    sums = torch.zeros(heads, size, size, dtype=torch.float64).index_add_(1, q_bin, per_query.double())
     rows = torch.zeros(size, dtype=torch.float64).index_add_(0, q_bin, torch.ones(block, dtype=torch.float64))
     return sums, rows
 
@@ -161,46 +171,46 @@ class LayerStats:
 
     def add_block(
         self, probs: torch.Tensor, allowed: torch.Tensor, q_pos: torch.Tensor, targets: torch.Tensor | None,
-        *, with_map: bool,
+        *, map_len: int | None,
     ) -> None:
         """Accumulate one block: ``probs`` ``[heads, block, keys]``, ``allowed`` ``[block, keys]``.
 
         ``q_pos`` holds the absolute positions of the block's queries; ``targets`` the induction target position
-        of each query (-1 for none) or None when the input ids are unknown.
+        of each query (-1 for none) or None when the input ids are unknown. ``map_len`` is the sequence length
+        for the pooled map, or None to leave the map out. The keys may stop after the block's last query.
         """
-        heads, block, kv_len = probs.shape
+        block, width = probs.shape[1:]
         cfg = self.settings
-        self.received = _grow(self.received, kv_len)
-        self.visible = _grow(self.visible, kv_len)
-        self.received[:, :kv_len] += probs.sum(1, dtype=torch.float64)
-        self.visible[:kv_len] += allowed.sum(0, dtype=torch.float64)
+        self.received = _grow(self.received, width)
+        self.visible = _grow(self.visible, width)
+        self.received[:, :width] += probs.sum(1, dtype=torch.float64)
+        self.visible[:width] += allowed.sum(0, dtype=torch.float64)
         self.entropy_sum -= torch.special.xlogy(probs, probs).sum(-1).sum(-1, dtype=torch.float64)
         self.queries += block
 
         has_prev = q_pos >= 1
         if has_prev.any():
-            prev = probs[:, has_prev].gather(-1, (q_pos[has_prev] - 1).expand(heads, -1)[..., None])
-            self.prev_sum += prev.sum((1, 2), dtype=torch.float64)
+            prev = _column(probs[:, has_prev], q_pos[has_prev] - 1)
+            self.prev_sum += prev.sum(-1, dtype=torch.float64)
             self.prev_count += int(has_prev.sum())
         if targets is not None:
             has_target = targets >= 0
             if has_target.any():
-                hit = probs[:, has_target].gather(-1, targets[has_target].expand(heads, -1)[..., None])
-                self.induction_sum += hit.sum((1, 2), dtype=torch.float64)
+                hit = _column(probs[:, has_target], targets[has_target])
+                self.induction_sum += hit.sum(-1, dtype=torch.float64)
                 self.induction_count += int(has_target.sum())
 
-        in_window = locality_masks(q_pos, kv_len, cfg.windows, cfg.n_sink)
         for i, w in enumerate(cfg.windows):
             counted = q_pos >= w + cfg.n_sink
             if counted.any():
-                mass = (probs[:, counted] * in_window[i, counted]).sum(-1)
+                mass = window_mass(probs[:, counted], q_pos[counted], w, cfg.n_sink)
                 self.local_sum[:, i] += mass.sum(-1, dtype=torch.float64)
                 self.local_count[i] += int(counted.sum())
 
         if cfg.keep_argmax:
             self.argmax.append(probs.argmax(-1).to(torch.int32))
-        if with_map:
-            sums, rows = pooled_map(probs, q_pos, kv_len, cfg.map_size)
+        if map_len is not None:
+            sums, rows = pooled_map(probs, q_pos, map_len, cfg.map_size)
             self.map_sum += sums
             self.map_rows += rows
 
