@@ -11,8 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from headwise import __version__
+from headwise.bench.cli import add_bench
 from headwise.errors import HeadwiseError
 from headwise.models import DEFAULT_MODEL, REGISTRY
+from headwise.profile.cli import add_profile
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -102,7 +104,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_profile, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,41 @@
+"""The ``headwise profile`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from headwise.models import DEFAULT_MODEL
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    from headwise.models import load_model
+    from headwise.profile.profiler import ProfileSettings, profile_model
+    from headwise.profile.report import write_outputs
+
+    settings = ProfileSettings(length=args.length, repeat_length=min(args.length, 1024), runs=args.runs, seed=args.seed)
+    start = time.perf_counter()
+    lm = load_model(args.model)
+    result = profile_model(lm, settings, progress=not args.quiet)
+    paths = write_outputs(result, Path(args.out))
+    profile = result.profile
+    counts = {role: sum(r == role for row in profile.roles for r in row) for role in ("retrieval", "induction", "sink",
+                                                                                       "local", "mixed")}
+    runs = profile.retrieval_runs
+    print(f"{lm.name}: {profile.num_layers} layers x {profile.num_heads} heads; roles "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(f"needle runs correct: {runs['passed']}/{runs['runs']}; total {time.perf_counter() - start:.1f} s")
+    print(f"wrote {paths['profile']}, {paths['report']} and {len(paths) - 2} heatmaps", file=sys.stderr)
+
+
+def add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure what each attention head does and write profile.json + HTML report")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--length", type=int, default=2048, help="tokens per calibration input (default 2048)")
+    p.add_argument("--runs", type=int, default=4, help="needle-in-a-haystack runs for retrieval scores (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration inputs (default 0)")
+    p.add_argument("--out", "-o", default="profile", help="output folder (default ./profile)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_profile)
