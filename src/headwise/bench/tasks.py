@@ -16,11 +16,12 @@ with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of 
     RULER's variable tracking: a chain "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (four
     variables) and a distractor chain with another value; asked for every variable holding the value.
 ``kv``
-    key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): thirteen
+    key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): eight
     'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; asked for one value.
 ``qa``
     question answering over real prose, verifiable offline: the context is a run of titled sections of
-    the Python language reference (``## <title>`` then its paragraphs). The question quotes one sentence
+    the Python language reference (``## <title>`` then its first paragraph; the target section keeps up to
+    three paragraphs). The question quotes one sentence
     of the target section (placed at the stated depth; the sentence occurs nowhere else in the corpus)
     and asks for the title of the section that contains it. The answer is the title as written in the
     text, so it needs no human labelling; the model has to locate a passage by content and read the
@@ -59,10 +60,13 @@ from headwise.bench import haystack
 from headwise.errors import HeadwiseError
 from headwise.report.html import write_atomic
 
-HEADROOM = 96
+HEADROOM = 128
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 MIN_LENGTH = 256
+UNIT_FRACTION = 20
+MIN_FILL = 0.85
+MIN_PROSE = 0.5
 SEPARATOR = "\n\n"
 
 CountTokens = Callable[[str], int]
@@ -148,7 +152,7 @@ def build_passkey(rng: random.Random, depth: float) -> Spec:
         needles=[(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")],
         filler=_shuffled_paragraphs(rng),
         question="What is the pass key mentioned in the text above? Answer with the number only.",
-        answers=[key], scoring="contains", max_new_tokens=12,
+        answers=[key], scoring="contains", max_new_tokens=24,
     )
 
 
@@ -165,7 +169,7 @@ def build_multikey(rng: random.Random, depth: float) -> Spec:
         filler=_shuffled_paragraphs(rng),
         question=f"What is the special magic number for {keys[0]} mentioned in the text above? "
         "Answer with the number only.",
-        answers=[values[0]], scoring="contains", max_new_tokens=16,
+        answers=[values[0]], scoring="contains", max_new_tokens=32,
     )
 
 
@@ -178,7 +182,7 @@ def build_multivalue(rng: random.Random, depth: float) -> Spec:
         filler=_shuffled_paragraphs(rng),
         question=f"What are all the special magic numbers for {key} mentioned in the text above? "
         "List every one of them.",
-        answers=values, scoring="part", max_new_tokens=48,
+        answers=values, scoring="part", max_new_tokens=72,
     )
 
 
@@ -199,28 +203,28 @@ def build_vartrack(rng: random.Random, depth: float) -> Spec:
         filler=_shuffled_paragraphs(rng),
         question=f"Find all variables that are assigned the value {value} in the text above, directly or "
         "through other variables. List their names.",
-        answers=names[:hops], scoring="part", max_new_tokens=32,
+        answers=names[:hops], scoring="part", max_new_tokens=48,
     )
 
 
 def build_kv(rng: random.Random, depth: float) -> Spec:
-    pairs = [(_identifier(rng), _identifier(rng)) for _ in range(13)]
+    pairs = [(_identifier(rng), _identifier(rng)) for _ in range(8)]
     depths = [depth, *_random_depths(rng, len(pairs) - 1)]
     return Spec(
         needles=[(d, f'In the registry, key "{k}" maps to value "{v}".') for d, (k, v) in zip(depths, pairs,
                                                                                              strict=True)],
         filler=_shuffled_paragraphs(rng),
         question=f'What value does key "{pairs[0][0]}" map to in the registry above? Answer with the value only.',
-        answers=[pairs[0][1]], scoring="contains", max_new_tokens=24,
+        answers=[pairs[0][1]], scoring="contains", max_new_tokens=40,
     )
 
 
-QA_PARAGRAPHS = 4
+QA_PARAGRAPHS = 3
 
 
-def render_section(section: haystack.Section) -> str:
-    """A section as it appears in a QA context: a ``## title`` line and its first paragraphs."""
-    return f"## {section.title}{SEPARATOR}" + SEPARATOR.join(section.paragraphs[:QA_PARAGRAPHS])
+def render_section(section: haystack.Section, n_paragraphs: int) -> str:
+    """A section as it appears in a QA context: a ``## title`` line and its first ``n_paragraphs`` paragraphs."""
+    return f"## {section.title}{SEPARATOR}" + SEPARATOR.join(section.paragraphs[:n_paragraphs])
 
 
 def _sentences(paragraph: str) -> list[str]:
@@ -230,7 +234,7 @@ def _sentences(paragraph: str) -> list[str]:
 @cache
 def _qa_candidates() -> tuple[tuple[int, str], ...]:
     """(section index, sentence) pairs whose sentence occurs exactly once in all rendered sections."""
-    corpus = "\n".join(render_section(s) for s in haystack.sections())
+    corpus = "\n".join(render_section(s, QA_PARAGRAPHS) for s in haystack.sections())
     return tuple(
         (i, sentence)
         for i, section in enumerate(haystack.sections())
@@ -242,16 +246,15 @@ def _qa_candidates() -> tuple[tuple[int, str], ...]:
 
 def build_qa(rng: random.Random, depth: float) -> Spec:
     sections = haystack.sections()
-    rendered = [render_section(s) for s in sections]
     target, sentence = rng.choice(_qa_candidates())
-    filler = rendered[:target] + rendered[target + 1 :]
+    filler = [render_section(s, 1) for i, s in enumerate(sections) if i != target]
     rng.shuffle(filler)
     return Spec(
-        needles=[(depth, rendered[target])],
+        needles=[(depth, render_section(sections[target], QA_PARAGRAPHS))],
         filler=filler,
         question=f'Which section of the documentation above contains this sentence: "{sentence}" '
         "Answer with the section title.",
-        answers=[sections[target].title], scoring="contains", max_new_tokens=24,
+        answers=[sections[target].title], scoring="contains", max_new_tokens=32,
     )
 
 
@@ -292,19 +295,22 @@ def _insert_needles(units: list[str], sizes: list[int], needles: list[tuple[floa
 
 
 def assemble(spec: Spec, budget: int, count_tokens: CountTokens) -> tuple[str, float, int]:
-    """Fill prose around the needles up to ``budget`` tokens; return context, measured depth, token length."""
+    """Fill prose around the needles up to ``budget`` tokens; return context, measured depth, token length.
+
+    Filler units longer than ``budget / UNIT_FRACTION`` tokens are skipped, so needle depths land close to
+    the requested ones. Raises :class:`HeadwiseError` when the result would fall below ``MIN_FILL`` of the
+    budget or hold less than ``MIN_PROSE`` of it in prose (needles too long for the length).
+    """
     fixed = count_tokens(SEPARATOR + spec.question) + sum(count_tokens(t) + 1 for _, t in spec.needles)
     units: list[str] = []
     sizes: list[int] = []
     used = fixed
     for unit in spec.filler:
         size = count_tokens(unit) + 1
-        if used + size <= budget:
+        if used + size <= budget and size <= budget / UNIT_FRACTION:
             units.append(unit)
             sizes.append(size)
             used += size
-    if used < 0.9 * budget:
-        raise HeadwiseError(f"not enough prose to fill {budget} tokens (got {used}); use a shorter length")
     while True:
         parts, target = _insert_needles(units, sizes, spec.needles)
         context = SEPARATOR.join(parts)
@@ -313,6 +319,9 @@ def assemble(spec: Spec, budget: int, count_tokens: CountTokens) -> tuple[str, f
             break
         units.pop()
         sizes.pop()
+    if not MIN_FILL * budget <= length <= budget or sum(sizes) < MIN_PROSE * budget:
+        raise HeadwiseError(f"cannot fill {budget} tokens with this task's needles and prose (got {length}); "
+                            "use another length")
     offset = len(SEPARATOR.join(parts[:target]) + (SEPARATOR if target else ""))
     depth = count_tokens(context[:offset]) / max(count_tokens(context), 1) if offset else 0.0
     return context, round(depth, 4), length

@@ -1,0 +1,135 @@
+"""``headwise bench``: generate the tasks, run the sweep (resumable), print the table and write the report.
+
+Output folder layout (``--out``, default ``runs/bench``): ``tasks/<task>-<length>-s<seed>.jsonl`` (the samples,
+also what peer runners read), ``results.jsonl`` (the results store), ``report.html`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from headwise.errors import HeadwiseError
+from headwise.models import DEFAULT_MODEL
+
+PRESET = {
+    "methods": "streaming_llm,snapkv,tova,knorm",
+    "ratios": "0.5,0.75,0.9",
+    "tasks": "passkey,multikey,vartrack",
+    "lengths": "1024,2048",
+    "samples": 2,
+}
+RESULTS = "results.jsonl"
+
+
+def split_list(text: str, convert: Callable[[str], object] = str, what: str = "value") -> list:
+    """``"a,b"`` -> ``["a", "b"]`` converted with ``convert``; a clear error for a bad item."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [convert(t) for t in items]
+    except ValueError as exc:
+        raise HeadwiseError(f"bad {what} in '{text}': {exc}") from exc
+
+
+def parse_method_options(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["snapkv:window=64"]`` -> ``{"snapkv": {"window": "64"}}``."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items:
+        method, colon, rest = item.partition(":")
+        key, equals, value = rest.partition("=")
+        if not (colon and equals and method and key):
+            raise HeadwiseError(f"option '{item}' is not METHOD:KEY=VALUE")
+        options.setdefault(method.strip(), {})[key.strip()] = value.strip()
+    return options
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """Refuse unknown methods before anything runs."""
+    try:
+        from headwise.api import policy_names
+    except ImportError:
+        known = ["full"]
+    else:
+        known = policy_names()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise HeadwiseError(f"unknown method(s) {', '.join(unknown)}: use one of {', '.join(known)}")
+
+
+def run_sweep(args: argparse.Namespace, out: Path) -> None:
+    """Load the model, write the task files, and run the cells missing from the results store."""
+    from headwise.bench import runner, tasks
+    from headwise.models import load_model
+
+    methods = split_list(args.methods, what="method")
+    check_methods(methods)
+    lengths = split_list(args.lengths, int, "length")
+    task_names = split_list(args.tasks, what="task")
+    protocols = ["agnostic", "aware"] if args.protocol == "both" else [args.protocol]
+    lm = load_model(args.model)
+    too_long = [n for n in lengths if n > lm.info.context_length]
+    if too_long:
+        raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
+    count = tasks.token_counter(lm.tokenizer)
+    depths = split_list(args.depths, float, "depth")
+    samples = {
+        (t, n): tasks.generate(t, n, args.samples, args.seed, count, tokenizer_name=lm.name, depths=depths)
+        for t in task_names
+        for n in lengths
+    }
+    for (t, n), group in samples.items():
+        tasks.write_samples(tasks.task_file(out / "tasks", t, n, args.seed), group)
+    if args.tasks_only:
+        print(f"wrote {len(samples)} task files to {out / 'tasks'}")
+        return
+    cells = runner.plan_cells(
+        lm.name, methods, split_list(args.ratios, float, "ratio"), task_names, lengths, protocols=protocols,
+        n_samples=args.samples, seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
+    )
+    runner.sweep(lm, cells, lambda t, n: samples[(t, n)], out / RESULTS, progress=not args.no_progress)
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from headwise.bench.store import read_records
+    from headwise.report.bench_report import build_report, terminal_table
+
+    out = Path(args.out)
+    if not args.report_only:
+        run_sweep(args, out)
+        if args.tasks_only:
+            return
+    records = read_records(out / RESULTS)
+    for peer in args.peer:
+        if not Path(peer).exists():
+            raise HeadwiseError(f"peer results file '{peer}' does not exist")
+        records += read_records(Path(peer))
+    if not records:
+        raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
+    print(terminal_table(records))
+    print(f"report: {build_report(records, out)}")
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark compression methods on long-context tasks (score, memory, time)")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--methods", default=PRESET["methods"], help="comma-separated policies (full is always run)")
+    p.add_argument("--ratios", default=PRESET["ratios"], help="comma-separated fractions of the context KV removed")
+    p.add_argument("--tasks", default=PRESET["tasks"],
+                   help="comma-separated tasks: passkey, multikey, multivalue, vartrack, kv, qa")
+    p.add_argument("--lengths", default=PRESET["lengths"], help="comma-separated target lengths in tokens")
+    p.add_argument("--samples", type=int, default=PRESET["samples"], help="samples per task and length")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, cycled over the samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware", "both"],
+                   help="compress the context before the question (agnostic, default) or with it (aware)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a policy or plan option for one method, e.g. -o snapkv:window=32")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill the context in chunks of this many tokens")
+    p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table and report from the results store")
+    p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")
+    p.add_argument("--peer", action="append", default=[], metavar="RESULTS.jsonl",
+                   help="a peer library's results file to include in the report")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,87 @@
+"""The results store: one JSON record per finished benchmark cell, appended to a JSONL file.
+
+Safety against interruption: each record is written as one line with a single ``write``, then flushed and
+``fsync``-ed before the next cell starts, so a killed sweep loses at most the cell in flight. A crash in
+the middle of a write leaves a truncated last line; readers skip such malformed lines with a warning
+(they cannot be trusted, and the cell is simply run again), and the next append first ends the broken
+line so it never corrupts a good record. A cell is identified by ``key`` (see
+:func:`headwise.bench.runner.Cell.key`); a sweep skips cells whose key is already stored, and readers keep
+the last record of a key, so re-running never duplicates a cell.
+
+Record fields (one JSON object per line; peer runners such as the kvpress one write the same fields)
+--------------------------------------------------------------------------------------------------
+identity
+    ``key`` (str), ``library`` (``"headwise"`` or ``"kvpress"``), ``model`` (str), ``method`` (str),
+    ``options`` (object), ``ratio`` (float, fraction of the context's KV removed; 0 for the full cache),
+    ``task`` (str), ``length`` (int, target tokens), ``protocol`` (``"agnostic"``: context compressed before
+    the question is seen, or ``"aware"``: the whole prompt with the question compressed), ``n_samples``
+    (int), ``seed`` (int), ``chunk_size`` (int or null, prefill chunk).
+metrics (means over the samples)
+    ``score`` (float in [0, 1]), ``kv_bytes`` (bytes of keys and values physically held after the
+    compressed prefill), ``peak_rss`` (bytes, absolute peak resident memory of the process during a
+    sample, max over samples), ``peak_rss_delta`` (bytes above the level at the start of the sample, max
+    over samples), ``prefill_seconds`` (compressed part of the prompt), ``question_seconds`` (feeding
+    the uncompressed rest; 0 for ``aware``), ``decode_tokens_per_second``, ``token_length`` (mean prompt
+    tokens), ``samples`` (list of per-sample objects: ``id``, ``depth``, ``needle_depth``, ``score``,
+    ``output``, ``answers``, ``kv_bytes``, ``prefill_seconds``, ``decode_tokens_per_second``).
+provenance
+    ``versions`` (object: ``headwise``, ``torch``, ``transformers``, or the peer's), ``git_commit`` (str or
+    null), ``machine`` (object: ``platform``, ``python``, ``cpu_count``), ``timestamp`` (ISO 8601, UTC).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+REQUIRED = ("key", "library", "model", "method", "ratio", "task", "length", "protocol", "score")
+
+
+def append_record(path: Path, record: dict) -> None:
+    """Append one record as a JSON line and make it durable (flush + fsync) before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
+    with open(path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write(line.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def parse_line(line: str) -> dict | None:
+    """A record from one line, or None if the line is not a JSON object with the required fields."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or any(name not in record for name in REQUIRED):
+        return None
+    return record
+
+
+def read_records(path: Path) -> list[dict]:
+    """All valid records of a results file, the last one per key, in file order; malformed lines warn."""
+    if not path.exists():
+        return []
+    by_key: dict[str, dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = parse_line(line)
+        if record is None:
+            warnings.warn(f"{path}:{number}: skipping a malformed results line", stacklevel=2)
+            continue
+        by_key.pop(record["key"], None)
+        by_key[record["key"]] = record
+    return list(by_key.values())
+
+
+def completed_keys(path: Path) -> set[str]:
+    """Keys of the cells already stored in ``path``."""
+    return {r["key"] for r in read_records(path)}
