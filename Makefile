@@ -23,6 +23,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check src tests
+	sh scripts/install-browser.sh
 	$(BIN)/pytest -q
 
 lint: setup
