@@ -7,10 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from profile_helpers import fake_answer, tiny_loaded
 
 from headwise.profile import ProfileSettings, profile_model
 from headwise.profile.report import write_outputs
+from profile_helpers import fake_answer, tiny_loaded
 
 pytestmark = pytest.mark.browser
 
