@@ -81,6 +81,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_policies(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from headwise.api import PLAN_OPTIONS
+    from headwise.policies import POLICIES
+
+    for name, cls in POLICIES.items():
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        print(f"{name}: {summary}")
+        print(f"  options: {options or '(none)'}")
+    print(f"plan options (any policy): {', '.join(PLAN_OPTIONS)}; see headwise.cache.Plan")
+
+
 def add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt, optionally with a compressed KV cache")
     p.add_argument("prompt", nargs="?", help="prompt text, or - for stdin")
@@ -117,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list known models, their architecture and whether they are installed").set_defaults(
         func=cmd_models
     )
+    sub.add_parser("policies", help="list compression policies and their options").set_defaults(func=cmd_policies)
     for add in COMMANDS:
         add(sub)
     return parser

