@@ -1,0 +1,75 @@
+"""Benchmark report: self-contained HTML with embedded plots, tables, escaped text; the CLI around it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from headwise.bench.store import append_record
+from headwise.cli import main
+from headwise.report.bench_report import PLOTS, build_report, summary, terminal_table
+
+
+def record(library: str, method: str, ratio: float, task: str, length: int, score: float, **extra) -> dict:
+    return {
+        "key": f"{library}-{method}-{ratio}-{task}-{length}-{extra.get('protocol', 'agnostic')}",
+        "library": library, "model": "m", "method": method, "ratio": ratio, "task": task, "length": length,
+        "protocol": "agnostic", "n_samples": 2, "score": score, "kv_bytes": (1 - ratio) * 2**20 * length / 1024,
+        "peak_rss": 2**30, "peak_rss_delta": 2**25, "prefill_seconds": length / 1000, "question_seconds": 0.1,
+        "decode_tokens_per_second": 20.0, "versions": {"torch": "2.13.0"}, "git_commit": "abc",
+        "machine": {"platform": "Linux", "cpu_count": 2}, "timestamp": "2026-01-01T00:00:00+00:00", **extra,
+    }
+
+
+@pytest.fixture
+def records() -> list[dict]:
+    rows = []
+    for length in (1024, 2048):
+        for task in ("passkey", "qa"):
+            rows.append(record("headwise", "full", 0.0, task, length, 1.0))
+            rows.append(record("kvpress", "full", 0.0, task, length, 0.95))
+            for ratio in (0.5, 0.75):
+                rows.append(record("headwise", "snapkv", ratio, task, length, 1 - ratio / 2))
+                rows.append(record("headwise", "snapkv", ratio, task, length, 1 - ratio / 3, protocol="aware"))
+                rows.append(record("kvpress", "snapkv", ratio, task, length, 1 - ratio))
+                rows.append(record("headwise", "<script>alert(1)</script>", ratio, task, length, 0.1))
+    return rows
+
+
+def test_summary_has_one_row_per_method_ratio_protocol(records):
+    headers, rows = summary(records)
+    assert "passkey 1024" in headers and "qa 2048" in headers
+    keys = {(r[0], r[2], r[3], r[4]) for r in rows}
+    assert ("kvpress", "snapkv", "0.5", "agnostic") in keys and ("headwise", "snapkv", "0.75", "aware") in keys
+    assert len(rows) == len(keys)
+    assert "snapkv" in terminal_table(records)
+
+
+def test_html_report_is_self_contained_and_escaped(records, tmp_path):
+    path = build_report(records, tmp_path)
+    html = path.read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(PLOTS)
+    assert not re.search(r"https?://", html)
+    assert html.count("<table>") == 3
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_report_only_includes_peer_results(records, tmp_path, capsys):
+    out = tmp_path / "run"
+    peer = tmp_path / "kvpress.jsonl"
+    for r in records:
+        append_record(peer if r["library"] == "kvpress" else out / "results.jsonl", r)
+    assert main(["bench", "--report-only", "--out", str(out), "--peer", str(peer)]) == 0
+    printed = capsys.readouterr().out
+    assert "kvpress" in printed and (out / "report.html").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
+    assert "no results" in capsys.readouterr().err
+    assert main(["bench", "--methods", "magic", "--out", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert main(["bench", "--report-only", "--out", str(tmp_path), "--peer", str(tmp_path / "none")]) == 2
