@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
+from headwise.bench import store
 from headwise.bench.store import append_record
 from headwise.cli import main
-from headwise.report.bench_report import PLOTS, build_report, summary, terminal_table
+from headwise.report.bench_report import PLOTS, build_report, harmonize, summary, terminal_table
 
 
 def record(library: str, method: str, ratio: float, task: str, length: int, score: float, **extra) -> dict:
@@ -20,6 +22,16 @@ def record(library: str, method: str, ratio: float, task: str, length: int, scor
         "decode_tokens_per_second": 20.0, "versions": {"torch": "2.13.0"}, "git_commit": "abc",
         "machine": {"platform": "Linux", "cpu_count": 2}, "timestamp": "2026-01-01T00:00:00+00:00", **extra,
     }
+
+
+def as_peer(flat: dict) -> dict:
+    """The same cell in the kvpress runner's shape: no key, metrics and metadata nested, other names."""
+    metrics = {"kv_bytes": flat["kv_bytes"], "prefill_seconds": flat["prefill_seconds"],
+               "decode_tokens_per_second": flat["decode_tokens_per_second"], "peak_rss_bytes": flat["peak_rss"],
+               "peak_rss_delta_bytes": flat["peak_rss_delta"], "n_samples": 2}
+    identity = ("library", "model", "ratio", "task", "length", "protocol", "score")
+    return {**{k: flat[k] for k in identity}, "method": f"kvpress:{flat['method']}", "options": {},
+            "metrics": metrics, "metadata": {"versions": {"kvpress": "0.2"}}}
 
 
 @pytest.fixture
@@ -61,10 +73,20 @@ def test_cli_report_only_includes_peer_results(records, tmp_path, capsys):
     out = tmp_path / "run"
     peer = tmp_path / "kvpress.jsonl"
     for r in records:
-        append_record(peer if r["library"] == "kvpress" else out / "results.jsonl", r)
+        if r["library"] == "kvpress":
+            append_record(peer, as_peer(r))
+        else:
+            append_record(out / "results.jsonl", r)
     assert main(["bench", "--report-only", "--out", str(out), "--peer", str(peer)]) == 0
     printed = capsys.readouterr().out
     assert "kvpress" in printed and (out / "report.html").exists()
+    assert "kvpress:" not in printed and "peak" not in capsys.readouterr().err
+
+
+def test_peer_records_are_harmonized(records):
+    flat = harmonize(store.parse_line(json.dumps(as_peer(records[1]))))
+    assert flat["method"] == "full" and flat["library"] == "kvpress" and flat["key"]
+    assert flat["peak_rss_delta"] == records[1]["peak_rss_delta"] and flat["kv_bytes"] == records[1]["kv_bytes"]
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -92,7 +92,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from headwise.bench.store import read_records
-    from headwise.report.bench_report import build_report, terminal_table
+    from headwise.report.bench_report import build_report, harmonize, terminal_table
 
     out = Path(args.out)
     if not args.report_only:
@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     for peer in args.peer:
         if not Path(peer).exists():
             raise HeadwiseError(f"peer results file '{peer}' does not exist")
-        records += read_records(Path(peer))
+        records += [harmonize(r) for r in read_records(Path(peer))]
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
     print(terminal_table(records))

@@ -11,7 +11,8 @@ the last record of a key, so re-running never duplicates a cell.
 Record fields (one JSON object per line; peer runners such as the kvpress one write the same fields)
 --------------------------------------------------------------------------------------------------
 identity
-    ``key`` (str), ``library`` (``"headwise"`` or ``"kvpress"``), ``model`` (str), ``method`` (str),
+    ``key`` (str; optional for peers, derived from the identity fields when absent), ``library``
+    (``"headwise"`` or ``"kvpress"``), ``model`` (str), ``method`` (str),
     ``options`` (object), ``ratio`` (float, fraction of the context's KV removed; 0 for the full cache),
     ``task`` (str), ``length`` (int, target tokens), ``protocol`` (``"agnostic"``: context compressed before
     the question is seen, or ``"aware"``: the whole prompt with the question compressed), ``n_samples``
@@ -31,12 +32,14 @@ provenance
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
 
-REQUIRED = ("key", "library", "model", "method", "ratio", "task", "length", "protocol", "score")
+REQUIRED = ("library", "model", "method", "ratio", "task", "length", "protocol", "score")
+IDENTITY = ("library", "model", "method", "options", "ratio", "task", "length", "protocol", "n_samples", "seed")
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -54,15 +57,24 @@ def append_record(path: Path, record: dict) -> None:
         os.fsync(fh.fileno())
 
 
+def identity_key(record: dict) -> str:
+    """A key for a record that carries none (a peer's): hash of its identity fields."""
+    blob = json.dumps({name: record.get(name) for name in IDENTITY}, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
 def parse_line(line: str) -> dict | None:
-    """A record from one line, or None if the line is not a JSON object with the required fields."""
+    """A record from one line, or None if the line is not a JSON object with the required fields.
+
+    A record without ``key`` (peer runners may omit it) gets :func:`identity_key`.
+    """
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
         return None
     if not isinstance(record, dict) or any(name not in record for name in REQUIRED):
         return None
-    return record
+    return record if "key" in record else {**record, "key": identity_key(record)}
 
 
 def read_records(path: Path) -> list[dict]:

@@ -25,16 +25,29 @@ PLOTS = {
 }
 
 
+ALIASES = {"peak_rss_bytes": "peak_rss", "peak_rss_delta_bytes": "peak_rss_delta"}
+
+
+def harmonize(record: dict) -> dict:
+    """Bring a peer's record to headwise's field names: nested ``metrics`` and ``metadata`` lifted to the top,
+    ``peak_rss_bytes``-style aliases renamed, and a ``"<library>:"`` prefix dropped from the method name."""
+    flat = {**record.get("metadata", {}), **record.get("metrics", {}), **record}
+    flat = {ALIASES.get(k, k): v for k, v in flat.items()}
+    flat["method"] = str(flat["method"]).removeprefix(f"{flat['library']}:")
+    return flat
+
+
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
 
 
 def group_mean(records: Iterable[dict], keys: Sequence[str], value: str) -> dict[tuple, float]:
-    """Mean of ``value`` over the records sharing the same ``keys`` fields."""
+    """Mean of ``value`` over the records sharing the same ``keys`` fields (records without ``value`` skipped)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
     for r in records:
-        groups[tuple(r[k] for k in keys)].append(float(r[value]))
+        if r.get(value) is not None:
+            groups[tuple(r[k] for k in keys)].append(float(r[value]))
     return {k: _mean(v) for k, v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))}
 
 
@@ -65,7 +78,7 @@ def summary(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
     rows = []
     for key in metrics[0]:
         cells = [f"{scores[(*key, *c)]:.2f}" if (*key, *c) in scores else "" for c in columns]
-        mean, kv, pre, tps = (m[key] for m in metrics)
+        mean, kv, pre, tps = (m.get(key, float("nan")) for m in metrics)
         rows.append([*key[:3], f"{key[3]:g}", key[4], *cells, f"{mean:.3f}", f"{kv / MIB:.1f}", f"{pre:.2f}",
                      f"{tps:.1f}"])
     return headers, rows
