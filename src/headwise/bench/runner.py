@@ -117,6 +117,8 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
         rendered = tok.apply_chat_template(
             [{"role": "user", "content": sample.prompt}], add_generation_prompt=True, tokenize=False
         )
+        if sample.context not in rendered:
+            raise HeadwiseError(f"{lm.name}'s chat template altered the context of {sample.id}; cannot split it")
         end = rendered.index(sample.context) + len(sample.context)
         head = tok(rendered[:end], add_special_tokens=False)["input_ids"]
         return list(head), list(tok(rendered[end:], add_special_tokens=False)["input_ids"])
@@ -207,7 +209,8 @@ def provenance() -> dict:
         "versions": {"headwise": headwise.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "git_commit": git_commit(),
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads()},
     }
 
 

@@ -24,10 +24,12 @@ metrics (means over the samples)
     over samples), ``prefill_seconds`` (compressed part of the prompt), ``question_seconds`` (feeding
     the uncompressed rest; 0 for ``aware``), ``decode_tokens_per_second``, ``token_length`` (mean prompt
     tokens), ``samples`` (list of per-sample objects: ``id``, ``depth``, ``needle_depth``, ``score``,
-    ``output``, ``answers``, ``kv_bytes``, ``prefill_seconds``, ``decode_tokens_per_second``).
+    ``output``, ``answers``, ``prompt_tokens``, ``kv_bytes``, ``prefill_seconds``, ``question_seconds``,
+    ``decode_tokens_per_second``, ``peak_rss``, ``peak_rss_delta``).
 provenance
     ``versions`` (object: ``headwise``, ``torch``, ``transformers``, or the peer's), ``git_commit`` (str or
-    null), ``machine`` (object: ``platform``, ``python``, ``cpu_count``), ``timestamp`` (ISO 8601, UTC).
+    null), ``machine`` (object: ``platform``, ``python``, ``cpu_count``, ``torch_threads``),
+    ``timestamp`` (ISO 8601, UTC).
 """
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ from headwise.report.html import write_atomic
 
 HEADROOM = 128
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
-DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 MIN_LENGTH = 256
 UNIT_FRACTION = 20
 MIN_FILL = 0.85
