@@ -14,7 +14,7 @@ from headwise.errors import HeadwiseError
 from headwise.models import DEFAULT_MODEL
 
 PRESET = {
-    "methods": "streaming_llm,snapkv,tova,knorm",
+    "methods": "streaming_llm,snapkv,tova",
     "ratios": "0.5,0.75,0.9",
     "tasks": "passkey,multikey,vartrack",
     "lengths": "1024,2048",

@@ -95,10 +95,12 @@ class Sample:
         return self.context + SEPARATOR + self.question
 
     def to_json(self) -> str:
+        """One JSONL line (without the newline)."""
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict) -> Sample:
+        """A sample from a parsed JSONL object (extra fields are ignored, a missing one raises KeyError)."""
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
 
@@ -118,14 +120,17 @@ class Spec:
 
 
 def _digits(rng: random.Random, n: int) -> str:
+    """A random ``n``-digit number with no leading zero."""
     return str(rng.randrange(10 ** (n - 1), 10**n))
 
 
 def _name(rng: random.Random) -> str:
+    """A random five-letter upper-case variable name."""
     return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
 
 
 def _identifier(rng: random.Random) -> str:
+    """A random hexadecimal identifier such as ``3f9a21bc-77d0``."""
     return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
 
 
@@ -136,16 +141,19 @@ def _key_words() -> tuple[str, ...]:
 
 
 def _shuffled_paragraphs(rng: random.Random) -> list[str]:
+    """All haystack paragraphs in a random order (the filler of the needle tasks)."""
     units = list(haystack.paragraphs())
     rng.shuffle(units)
     return units
 
 
 def _random_depths(rng: random.Random, n: int) -> list[float]:
+    """``n`` uniform depths in [0, 1) for distractor needles."""
     return [rng.random() for _ in range(n)]
 
 
 def build_passkey(rng: random.Random, depth: float) -> Spec:
+    """Passkey retrieval: one five-digit key repeated in its needle sentence."""
     key = _digits(rng, 5)
     return Spec(
         needles=[(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")],
@@ -156,10 +164,12 @@ def build_passkey(rng: random.Random, depth: float) -> Spec:
 
 
 def _magic(key: str, value: str) -> str:
+    """RULER's needle sentence."""
     return f"One of the special magic numbers for {key} is: {value}."
 
 
 def build_multikey(rng: random.Random, depth: float) -> Spec:
+    """Multi-key NIAH: the target key's number among three distractor keys' numbers."""
     keys = rng.sample(_key_words(), 4)
     values = [_digits(rng, 7) for _ in keys]
     depths = [depth, *_random_depths(rng, len(keys) - 1)]
@@ -173,6 +183,7 @@ def build_multikey(rng: random.Random, depth: float) -> Spec:
 
 
 def build_multivalue(rng: random.Random, depth: float) -> Spec:
+    """Multi-value NIAH: four numbers for one key, all asked for."""
     key = rng.choice(_key_words())
     values = [_digits(rng, 7) for _ in range(4)]
     depths = [depth, *_random_depths(rng, len(values) - 1)]
@@ -186,10 +197,12 @@ def build_multivalue(rng: random.Random, depth: float) -> Spec:
 
 
 def _chain(names: Sequence[str], value: str) -> list[str]:
+    """Assignment statements passing ``value`` down ``names`` in order."""
     return [f"VAR {names[0]} = {value}.", *(f"VAR {b} = VAR {a}." for a, b in pairwise(names))]
 
 
 def build_vartrack(rng: random.Random, depth: float) -> Spec:
+    """Variable tracking: a four-hop chain from ``depth`` to the end, and a distractor chain at random depths."""
     names = rng.sample(sorted({_name(rng) for _ in range(40)}), 8)
     value, other = _digits(rng, 5), _digits(rng, 5)
     hops = 4
@@ -207,6 +220,7 @@ def build_vartrack(rng: random.Random, depth: float) -> Spec:
 
 
 def build_kv(rng: random.Random, depth: float) -> Spec:
+    """Key-value retrieval over random identifiers: one target pair and seven distractor pairs."""
     pairs = [(_identifier(rng), _identifier(rng)) for _ in range(8)]
     depths = [depth, *_random_depths(rng, len(pairs) - 1)]
     return Spec(
@@ -227,6 +241,7 @@ def render_section(section: haystack.Section, n_paragraphs: int) -> str:
 
 
 def _sentences(paragraph: str) -> list[str]:
+    """The sentences of a paragraph that are long enough to identify it and short enough to quote."""
     return [s for s in re.split(r"(?<=[.!?])\s+", paragraph) if 60 <= len(s) <= 240]
 
 
@@ -244,6 +259,7 @@ def _qa_candidates() -> tuple[tuple[int, str], ...]:
 
 
 def build_qa(rng: random.Random, depth: float) -> Spec:
+    """Prose QA: name the section (placed at ``depth``) that contains a quoted sentence."""
     sections = haystack.sections()
     target, sentence = rng.choice(_qa_candidates())
     filler = [render_section(s, 1) for i, s in enumerate(sections) if i != target]
