@@ -216,14 +216,16 @@ def provenance() -> dict:
 
 def run_cell(lm: LoadedModel, samples: Sequence[Sample], cell: Cell) -> dict:
     """Run every sample of a cell and summarize it as a results record (without provenance)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     rows = [run_sample(lm, s, cell) for s in samples]
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
         "key": cell.key(), **asdict(cell),
         "score": _mean(rows, "score"), "kv_bytes": _mean(rows, "kv_bytes"),
         "peak_rss": max(r["peak_rss"] for r in rows), "peak_rss_delta": max(r["peak_rss_delta"] for r in rows),
         "prefill_seconds": _mean(rows, "prefill_seconds"), "question_seconds": _mean(rows, "question_seconds"),
         "decode_tokens_per_second": _mean(rows, "decode_tokens_per_second"),
-        "token_length": _mean(rows, "prompt_tokens"),
+        "token_length": _mean(rows, "prompt_tokens"), "wall_seconds": wall, "cpu_seconds": cpu,
         "samples": rows,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
     }
