@@ -24,7 +24,8 @@ metrics (means over the samples)
     over samples), ``prefill_seconds`` (compressed part of the prompt), ``question_seconds`` (feeding
     the uncompressed rest; 0 for ``aware``), ``decode_tokens_per_second``, ``token_length`` (mean prompt
     tokens), ``wall_seconds`` and ``cpu_seconds`` (the whole cell: elapsed, and CPU time of all the process's
-    threads, which tells a busy machine from a slow method), ``samples`` (list of per-sample objects: ``id``, ``depth``, ``needle_depth``, ``score``,
+    threads, which tells a busy machine from a slow method), ``samples`` (list of per-sample objects:
+    ``id``, ``depth``, ``needle_depth``, ``score``,
     ``output``, ``answers``, ``prompt_tokens``, ``kv_bytes``, ``prefill_seconds``, ``question_seconds``,
     ``decode_tokens_per_second``, ``peak_rss``, ``peak_rss_delta``).
 provenance
