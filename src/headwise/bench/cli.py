@@ -58,21 +58,28 @@ def check_methods(methods: Sequence[str]) -> None:
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> None:
-    """Load the model, write the task files, and run the cells missing from the results store."""
+    """Check every option, load the model, write the task files, and run the cells missing from the store."""
     from headwise.bench import runner, tasks
-    from headwise.models import load_model
+    from headwise.models import load_model, resolve
 
     methods = split_list(args.methods, what="method")
     check_methods(methods)
     lengths = split_list(args.lengths, int, "length")
     task_names = split_list(args.tasks, what="task")
-    protocols = ["agnostic", "aware"] if args.protocol == "both" else [args.protocol]
+    unknown = sorted(set(task_names) - set(tasks.TASKS))
+    if unknown:
+        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}: use one of {', '.join(tasks.TASKS)}")
+    depths = split_list(args.depths, float, "depth")
+    cells = runner.plan_cells(
+        resolve(args.model)[0], methods, split_list(args.ratios, float, "ratio"), task_names, lengths,
+        protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
+        seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
+    )
     lm = load_model(args.model)
     too_long = [n for n in lengths if n > lm.info.context_length]
     if too_long:
         raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
     count = tasks.token_counter(lm.tokenizer)
-    depths = split_list(args.depths, float, "depth")
     samples = {
         (t, n): tasks.generate(t, n, args.samples, args.seed, count, tokenizer_name=lm.name, depths=depths)
         for t in task_names
@@ -83,10 +90,6 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
     if args.tasks_only:
         print(f"wrote {len(samples)} task files to {out / 'tasks'}")
         return
-    cells = runner.plan_cells(
-        lm.name, methods, split_list(args.ratios, float, "ratio"), task_names, lengths, protocols=protocols,
-        n_samples=args.samples, seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
-    )
     runner.sweep(lm, cells, lambda t, n: samples[(t, n)], out / RESULTS, progress=not args.no_progress)
 
 

@@ -90,6 +90,8 @@ def plan_cells(
     bad = [r for r in ratios if not 0 <= r < 1]
     if bad:
         raise HeadwiseError(f"ratios must lie in [0, 1), got {bad}")
+    if n_samples < 1:
+        raise HeadwiseError(f"the number of samples must be at least 1, got {n_samples}")
     options = options or {}
     common = dict(model=model, n_samples=n_samples, seed=seed, chunk_size=chunk_size)
     cells = []
