@@ -254,18 +254,24 @@ class CompressedLayer(CacheLayerMixin):
 
     # attention and compression ----------------------------------------------------------------------------
 
-    def _allowed(self, head: _Head, attention_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
-        """Boolean mask [B, 1, q, n] of the kept keys each new query may see (None: all of them)."""
+    def _allowed(
+        self, head: _Head, attention_mask: torch.Tensor | None, q: int, rows: slice = slice(None)
+    ) -> torch.Tensor | None:
+        """Boolean mask [B, 1, r, n] of the kept keys that new queries ``rows`` may see (None: all of them).
+
+        ``attention_mask`` is over logical positions (see :meth:`get_mask_sizes`); its columns are picked at
+        the kept tokens' positions. Without one, causality is decided by position.
+        """
+        query_pos = torch.arange(self.seen - q, self.seen, device=self.device)[rows]
         if attention_mask is None:
-            if q == 1:
+            if query_pos[0] >= self.seen - 1:
                 return None
-            query_pos = torch.arange(self.seen - q, self.seen, device=self.device)
             return (head.positions[:, None, None, :] <= query_pos[None, None, :, None]).expand(-1, 1, -1, -1)
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask == 0
         b, n = head.positions.shape
-        mask = attention_mask[:, :, -q:, :].expand(b, 1, q, attention_mask.shape[-1])
-        return mask.gather(-1, head.positions.long()[:, None, None, :].expand(b, 1, q, n))
+        mask = attention_mask[:, :, -q:, :][:, :, rows].expand(b, 1, len(query_pos), attention_mask.shape[-1])
+        return mask.gather(-1, head.positions.long()[:, None, None, :].expand(b, 1, len(query_pos), n))
 
     def _compressing(self, q: int) -> bool:
         return self.plan.policy.compresses and not self.sealed and (q > 1 or self.plan.mode == "decode")
@@ -283,22 +289,26 @@ class CompressedLayer(CacheLayerMixin):
         valid = []
         for h, head in enumerate(self.heads):
             q_h = query[:, h * group : (h + 1) * group]
-            allowed = self._allowed(head, attention_mask, q)
+            # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
+            plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
+            allowed = None if plain_causal else self._allowed(head, attention_mask, q)
             outputs.append(
                 F.scaled_dot_product_attention(
-                    q_h, head.keys[:, None], head.values[:, None], attn_mask=allowed, scale=scaling, enable_gqa=True
+                    q_h, head.keys[:, None], head.values[:, None], attn_mask=allowed, scale=scaling,
+                    is_causal=plain_causal and q > 1, enable_gqa=True,
                 )
             )
             if needed != 0:
-                self._observe(head, q_h, allowed, scaling, needed)
+                self._observe(head, q_h, attention_mask, scaling, needed)
             if compressing:
-                valid.append(allowed[:, 0, -1, :] if allowed is not None else None)
+                last = self._allowed(head, attention_mask, q, slice(q - 1, q))
+                valid.append(last[:, 0, -1, :] if last is not None else None)
         if compressing:
             self._compress(valid)
         return torch.cat(outputs, dim=1).transpose(1, 2)
 
     def _observe(
-        self, head: _Head, q_h: torch.Tensor, allowed: torch.Tensor | None, scaling: float, needed: int | None
+        self, head: _Head, q_h: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, needed: int | None
     ) -> None:
         """Feed the policy the attention rows of the queries it needs, a block of queries at a time."""
         q = q_h.shape[2]
@@ -306,8 +316,9 @@ class CompressedLayer(CacheLayerMixin):
         for start in range(first, q, QUERY_BLOCK):
             stop = min(q, start + QUERY_BLOCK)
             logits = torch.matmul(q_h[:, :, start:stop], head.keys[:, None].transpose(-1, -2)) * scaling
+            allowed = self._allowed(head, attention_mask, q, slice(start, stop))
             if allowed is not None:
-                logits = logits.masked_fill(~allowed[:, :, start:stop], float("-inf"))
+                logits = logits.masked_fill(~allowed, float("-inf"))
             probs = logits.softmax(dim=-1).nan_to_num(0.0)
             probs = probs.mean(dim=1) if self.plan.group_reduce == "mean" else probs.amax(dim=1)
             head.state = self.plan.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]

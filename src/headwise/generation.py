@@ -122,7 +122,9 @@ def prefill(
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True)
+        # logits_to_keep=1: only the last position's logits (a 4K prompt's full logits would be 750 MiB).
+        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
         logits = out.logits[:, -1, :]
     assert logits is not None
     return logits

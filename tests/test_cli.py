@@ -1,0 +1,77 @@
+"""The command line: clear one-line errors (exit 2) for bad input, and the happy paths on the real model."""
+
+from __future__ import annotations
+
+import pytest
+
+from headwise import models
+from headwise.cli import main
+from headwise.errors import HeadwiseError
+from headwise.generation import check_length
+from headwise.models import ModelSpec
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    code, _, err = run(capsys, "generate", "--model", "no-such-model", "hi")
+    assert code == 2
+    assert "unknown model 'no-such-model'" in err and "smollm2-135m" in err and "Traceback" not in err
+
+
+def test_model_package_not_installed_says_the_install_command(capsys, monkeypatch):
+    spec = ModelSpec("ghost-1b", "a model whose package is absent", "ghost_pkg_absent", "pip install ghost-pkg",
+                     lambda: None, True)
+    monkeypatch.setitem(models.REGISTRY, "ghost-1b", spec)
+    code, _, err = run(capsys, "generate", "--model", "ghost-1b", "hi")
+    assert code == 2 and "not installed" in err and "pip install ghost-pkg" in err
+
+
+def test_empty_prompt_and_unreadable_file(capsys, tmp_path):
+    assert run(capsys, "generate", "   ")[0] == 2
+    code, _, err = run(capsys, "generate", "--file", str(tmp_path / "missing.txt"))
+    assert code == 2 and "cannot read prompt file" in err
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    assert run(capsys, "generate", "--file", str(binary))[0] == 2
+
+
+def test_bad_compression_arguments_are_refused_before_loading(capsys):
+    assert "ratio must be in [0, 1)" in run(capsys, "generate", "--policy", "snapkv", "--ratio", "1.5", "hi")[2]
+    assert "unknown policy" in run(capsys, "generate", "--policy", "zip", "--ratio", "0.5", "hi")[2]
+
+
+def test_prompt_longer_than_context_is_refused_or_truncated_on_request():
+    with pytest.raises(HeadwiseError, match="--truncate"):
+        check_length(list(range(100)), context_length=64, max_new_tokens=8, truncate=False)
+    assert check_length(list(range(100)), context_length=64, max_new_tokens=8, truncate=True) == list(range(44, 100))
+
+
+def test_models_lists_both_registry_models(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out
+
+
+def test_policies_lists_every_policy(capsys):
+    code, out, _ = run(capsys, "policies")
+    assert code == 0
+    for name in ("streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm", "random", "full"):
+        assert f"{name}:" in out
+
+
+@pytest.mark.slow
+def test_generate_with_a_policy_prints_tokens_and_stats(capsys, smollm2):
+    code, out, err = run(capsys, "generate", "--policy", "knorm", "--ratio", "0.25", "-n", "12",
+                         "What is the capital of France?")
+    assert code == 0 and "Paris" in out
+    assert "KV cache" in err and "tokens/s" in err and "knorm" in err
+
+
+@pytest.mark.slow
+def test_too_long_prompt_is_refused_by_the_cli(capsys, smollm2):
+    code, _, err = run(capsys, "generate", "--no-chat", "word " * 9000)
+    assert code == 2 and "--truncate" in err
