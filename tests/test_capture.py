@@ -151,3 +151,15 @@ def test_capture_rejects_batches():
 
 def test_induction_targets():
     assert induction_targets(torch.tensor([5, 6, 7, 5, 6, 5])).tolist() == [-1, -1, -1, 1, 2, 4]
+
+
+def test_argmax_only_keeps_just_the_argmax():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 128, (1, 30))
+    with torch.no_grad():
+        a = dense_attention(model, ids)
+        with capture(model, CaptureSettings(argmax_only=True, block_size=8)) as rec:
+            model(input_ids=ids)
+    for layer, st in rec.layers.items():
+        assert_argmax_close(torch.cat(st.argmax, 1), a[layer])
+        assert st.queries == 0 and st.received.numel() == 0

@@ -48,6 +48,8 @@ class CaptureSettings:
         Upper bound on ``heads * block * keys`` per block (memory of a block is a few times this, in float32).
     keep_argmax
         Whether to keep the most-attended key of every query of every pass.
+    argmax_only
+        Keep only the argmax (what the retrieval score needs) and skip every other statistic.
     """
 
     windows: tuple[int, ...] = (16, 64, 256, 1024)
@@ -56,6 +58,7 @@ class CaptureSettings:
     block_size: int = 256
     block_elements: int = 16 * 2**20
     keep_argmax: bool = True
+    argmax_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.windows or min(self.windows) < 1:
@@ -181,6 +184,10 @@ class LayerStats:
         """
         block, width = probs.shape[1:]
         cfg = self.settings
+        if cfg.keep_argmax or cfg.argmax_only:
+            self.argmax.append(probs.argmax(-1).to(torch.int32))
+        if cfg.argmax_only:
+            return
         self.received = _grow(self.received, width)
         self.visible = _grow(self.visible, width)
         self.received[:, :width] += probs.sum(1, dtype=torch.float64)
@@ -207,8 +214,6 @@ class LayerStats:
                 self.local_sum[:, i] += mass.sum(-1, dtype=torch.float64)
                 self.local_count[i] += int(counted.sum())
 
-        if cfg.keep_argmax:
-            self.argmax.append(probs.argmax(-1).to(torch.int32))
         if map_len is not None:
             sums, rows = pooled_map(probs, q_pos, map_len, cfg.map_size)
             self.map_sum += sums

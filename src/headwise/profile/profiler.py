@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -107,7 +107,7 @@ def _prose_pass(lm: LoadedModel, settings: ProfileSettings) -> tuple[dict, torch
     ids = prose_ids(lm.tokenizer, settings.length, settings.seed)
     if len(ids) > lm.info.context_length:
         raise HeadwiseError(f"--length {len(ids)} exceeds the model's context ({lm.info.context_length})")
-    with torch.inference_mode(), capture(lm.model, settings.capture) as rec:
+    with torch.inference_mode(), capture(lm.model, replace(settings.capture, keep_argmax=False)) as rec:
         lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
     layers = [rec.layers[i] for i in range(lm.info.num_layers)]
     th = settings.thresholds
@@ -144,7 +144,7 @@ def _other_sinks(layers: list, tokens: list[str], th: RoleThresholds) -> list[di
 def _repeat_pass(lm: LoadedModel, settings: ProfileSettings) -> dict[str, torch.Tensor]:
     """Previous-token and induction scores on a repeated random token sequence."""
     ids = repeated_random_ids(lm.tokenizer, settings.repeat_length, settings.seed)
-    with torch.inference_mode(), capture(lm.model, settings.capture) as rec:
+    with torch.inference_mode(), capture(lm.model, replace(settings.capture, keep_argmax=False)) as rec:
         rec.set_input(ids)
         lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1)
     layers = [rec.layers[i] for i in range(lm.info.num_layers)]
@@ -161,8 +161,7 @@ def _needle_run(lm: LoadedModel, settings: ProfileSettings, run: int) -> tuple[t
     cache = DynamicCache(config=lm.model.config)
     with torch.inference_mode():
         prefill(lm.model, ids[:, :-1], cache)
-        with capture(lm.model, CaptureSettings(windows=settings.capture.windows, n_sink=settings.capture.n_sink,
-                                               map_size=1)) as rec:
+        with capture(lm.model, CaptureSettings(argmax_only=True)) as rec:
             logits = lm.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1, :]
             tokens = decode(lm.model, logits, cache, max_new_tokens=settings.max_new_tokens, sampling=Sampling(),
                             stop_ids=stop_token_ids(lm))
