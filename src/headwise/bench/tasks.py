@@ -25,7 +25,9 @@ with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of 
     of the target section (placed at the stated depth; the sentence occurs nowhere else in the corpus)
     and asks for the title of the section that contains it. The answer is the title as written in the
     text, so it needs no human labelling; the model has to locate a passage by content and read the
-    header above it, i.e. retrieval plus a one-hop association over prose.
+    header above it, i.e. retrieval plus a one-hop association over prose. The reference has about 115
+    uniquely titled sections, so at 8K tokens a QA context reaches only about 7.2K tokens (``token_length``
+    says so; it stays above the ``MIN_FILL`` bound).
 
 Lengths are measured with the model's tokenizer. A sample of target length ``L`` holds at most
 ``L - HEADROOM`` tokens of ``context + "\\n\\n" + question`` (``token_length``), so a chat template and the
