@@ -163,3 +163,23 @@ def test_argmax_only_keeps_just_the_argmax():
     for layer, st in rec.layers.items():
         assert_argmax_close(torch.cat(st.argmax, 1), a[layer])
         assert st.queries == 0 and st.received.numel() == 0
+
+
+def test_sliding_cache_layers_report_offsets_that_map_back_to_positions():
+    """Gemma 3 sliding layers keep only the last keys in the cache: argmax + (length - key_len) is the position."""
+    model = tiny_model("gemma3")
+    torch.manual_seed(3)
+    ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        dense = dense_attention(model, ids)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[:, :33], past_key_values=cache, use_cache=True)
+        with capture(model, CaptureSettings(argmax_only=True)) as rec:
+            for i in range(33, 40):
+                model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+    for layer, st in rec.layers.items():
+        shifts = torch.tensor([i + 1 - n for i, n in zip(range(33, 40), st.key_lengths, strict=True)])
+        if model.config.layer_types[layer] == "sliding_attention":
+            assert (shifts > 0).all()
+        got = torch.cat(st.argmax, 1) + shifts
+        assert_argmax_close(got, dense[layer][:, 33:])

@@ -57,7 +57,9 @@ def capture_attention(
     Shapes follow transformers: ``query`` ``[batch, heads, q_len, dim]``, ``key``/``value``
     ``[batch, kv_heads, kv_len, dim]``. Query head ``h`` reads KV head ``h // (heads // kv_heads)`` (GQA).
     Queries are the last ``q_len`` positions of the ``kv_len`` keys (prefill after a cache prefix, or decoding).
-    Sliding-window layers get their window through ``attention_mask`` (built by ``sdpa_mask``).
+    Sliding-window layers get their window through ``attention_mask`` (built by ``sdpa_mask``). Positions are
+    indices into the keys the layer holds: absolute positions for a full cache, offsets into the last ``kv_len``
+    positions for a sliding-window cache layer after it has dropped old keys.
     """
     output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
@@ -88,7 +90,8 @@ def capture_attention(
             scores = torch.matmul(query[0, :, start:stop].float(), keys[:, :width].transpose(1, 2)) * scale
             probs = scores.masked_fill_(~allowed, float("-inf")).softmax(-1)
             del scores
-            stats.add_block(probs, allowed, q_pos, recorder.targets_for(q_pos), map_len=kv_len if first == 0 else None)
+            stats.add_block(probs, allowed, q_pos, recorder.targets_for(q_pos), map_len=kv_len if first == 0 else None,
+                            key_len=kv_len)
     return output, None
 
 

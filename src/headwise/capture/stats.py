@@ -158,6 +158,7 @@ class LayerStats:
     map_sum: torch.Tensor = field(init=False)
     map_rows: torch.Tensor = field(init=False)
     argmax: list[torch.Tensor] = field(default_factory=list)
+    key_lengths: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         h, s, nw = self.num_heads, self.settings.map_size, len(self.settings.windows)
@@ -174,18 +175,21 @@ class LayerStats:
 
     def add_block(
         self, probs: torch.Tensor, allowed: torch.Tensor, q_pos: torch.Tensor, targets: torch.Tensor | None,
-        *, map_len: int | None,
+        *, map_len: int | None, key_len: int,
     ) -> None:
         """Accumulate one block: ``probs`` ``[heads, block, keys]``, ``allowed`` ``[block, keys]``.
 
         ``q_pos`` holds the absolute positions of the block's queries; ``targets`` the induction target position
         of each query (-1 for none) or None when the input ids are unknown. ``map_len`` is the sequence length
-        for the pooled map, or None to leave the map out. The keys may stop after the block's last query.
+        for the pooled map, or None to leave the map out. The keys may stop after the block's last query;
+        ``key_len`` is the number of keys the layer held (kept with each argmax block: a sliding-window cache
+        layer holds only the last keys, so its index ``j`` is position ``j + total_length - key_len``).
         """
         block, width = probs.shape[1:]
         cfg = self.settings
         if cfg.keep_argmax or cfg.argmax_only:
             self.argmax.append(probs.argmax(-1).to(torch.int32))
+            self.key_lengths.append(key_len)
         if cfg.argmax_only:
             return
         self.received = _grow(self.received, width)

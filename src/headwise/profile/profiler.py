@@ -154,6 +154,16 @@ def _repeat_pass(lm: LoadedModel, settings: ProfileSettings) -> dict[str, torch.
     }
 
 
+def _absolute_argmax(stats, prompt_length: int) -> torch.Tensor:
+    """``[heads, steps]`` absolute argmax positions of one-query passes (the prompt's last token, then decoding).
+
+    Pass ``t`` sees ``prompt_length + t`` positions; a sliding-window cache layer holds only the last
+    ``key_lengths[t]`` of them, so its indices are shifted by the difference.
+    """
+    shifts = [prompt_length + t - n for t, n in enumerate(stats.key_lengths)]
+    return torch.cat(stats.argmax, 1) + torch.tensor(shifts, dtype=torch.int32)
+
+
 def _needle_run(lm: LoadedModel, settings: ProfileSettings, run: int) -> tuple[torch.Tensor | None, dict]:
     """One needle-in-a-haystack generation; the per-head retrieval scores, or None when the answer is wrong."""
     task = needle_task(lm.tokenizer, settings.length, settings.seed + 1000 + run, chat=lm.instruct)
@@ -170,7 +180,7 @@ def _needle_run(lm: LoadedModel, settings: ProfileSettings, run: int) -> tuple[t
             "prompt_tokens": len(task.ids)}
     if task.answer not in text:
         return None, info
-    argmax = torch.stack([torch.cat(rec.layers[i].argmax, 1) for i in range(lm.info.num_layers)])
+    argmax = torch.stack([_absolute_argmax(rec.layers[i], len(task.ids)) for i in range(lm.info.num_layers)])
     return copy_paste_hits(argmax, tokens, task.ids, task.needle_positions), info
 
 
