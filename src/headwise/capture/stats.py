@@ -100,16 +100,14 @@ def _column(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, index.expand(values.shape[0], -1)[..., None])[..., 0]
 
 
-def window_mass(probs: torch.Tensor, q_pos: torch.Tensor, window: int, n_sink: int) -> torch.Tensor:
-    """Attention mass on the sinks plus the recent window, ``[heads, queries]``.
+def window_mass(cum: torch.Tensor, q_pos: torch.Tensor, window: int, n_sink: int) -> torch.Tensor:
+    """Attention mass on the sinks plus the recent window, ``[heads, queries]``, from row-wise cumulative sums.
 
-    Only for queries at positions ``q >= window + n_sink``.
-    A key ``k`` is a sink when ``k < n_sink`` and in the recent window when ``q - window < k <= q``; for such
-    queries the two sets are disjoint, so the mass is ``C[n_sink - 1] + C[q] - C[q - window]`` with ``C`` the
-    cumulative sum of the row.
+    ``cum`` is ``probs.cumsum(-1)``. A key ``k`` is a sink when ``k < n_sink`` and in the recent window when
+    ``q - window < k <= q``; for queries at ``q >= window + n_sink`` the two sets are disjoint, so the mass is
+    ``cum[n_sink - 1] + cum[q] - cum[q - window]``. Rows of earlier queries are meaningless; callers mask them.
     """
-    cum = probs.cumsum(-1)
-    mass = _column(cum, q_pos) - _column(cum, q_pos - window)
+    mass = _column(cum, q_pos) - _column(cum, (q_pos - window).clamp(min=0))
     if n_sink:
         mass = mass + cum[:, :, n_sink - 1]
     return mass
@@ -211,10 +209,12 @@ class LayerStats:
                 self.induction_sum += hit.sum(-1, dtype=torch.float64)
                 self.induction_count += int(has_target.sum())
 
+        cum = None
         for i, w in enumerate(cfg.windows):
             counted = q_pos >= w + cfg.n_sink
             if counted.any():
-                mass = window_mass(probs[:, counted], q_pos[counted], w, cfg.n_sink)
+                cum = probs.cumsum(-1) if cum is None else cum
+                mass = window_mass(cum, q_pos, w, cfg.n_sink).masked_fill(~counted, 0.0)
                 self.local_sum[:, i] += mass.sum(-1, dtype=torch.float64)
                 self.local_count[i] += int(counted.sum())
 
