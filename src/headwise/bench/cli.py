@@ -75,6 +75,12 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
     )
+    if args.threads is not None:
+        if args.threads < 1:
+            raise HeadwiseError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     too_long = [n for n in lengths if n > lm.info.context_length]
     if too_long:
@@ -129,6 +135,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="a policy or plan option for one method, e.g. -o snapkv:window=32")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill the context in chunks of this many tokens")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 is far faster on a machine shared with "
+                   "other jobs, where 2-thread decoding stalls on oversubscribed cores")
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table and report from the results store")
     p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")
