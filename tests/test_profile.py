@@ -198,3 +198,12 @@ def test_profile_smollm2_short(smollm2, tmp_path):
     assert p.metric("retrieval").max() > 0.1
     assert p.metric("sink_first").mean() > 0.3  # the first token is a strong sink in most heads
     HeadProfile.load(write_outputs(result, tmp_path)["profile"], expect=(30, 9, 3))
+
+
+def test_cli_rejects_bad_settings_before_loading_a_model(capsys):
+    from headwise.cli import main
+
+    assert main(["profile", "--length", "10", "--out", "unused"]) == 2
+    assert "--length must be >= 64" in capsys.readouterr().err
+    assert main(["profile", "--runs", "0"]) == 2
+    assert "--runs must be at least 1" in capsys.readouterr().err
