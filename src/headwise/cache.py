@@ -135,8 +135,9 @@ def take_handoff(key: torch.Tensor) -> CompressedLayer | None:
 
 @dataclass
 class _Head:
-    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n]."""
+    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n], and its policy."""
 
+    policy: Policy
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
@@ -183,9 +184,10 @@ class CompressedLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
         empty = key_states.new_zeros(b, 0, d)
+        positions = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
         self.heads = [
-            _Head(empty, empty, torch.zeros(b, 0, dtype=torch.int32, device=self.device), key_states.new_zeros(b, 0))
-            for _ in range(h)
+            _Head(self.plan.policy.for_head(self.layer_idx, i), empty, empty, positions, key_states.new_zeros(b, 0))
+            for i in range(h)
         ]
         self.is_initialized = True
 
@@ -284,7 +286,6 @@ class CompressedLayer(CacheLayerMixin):
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
         compressing = self._compressing(q)
-        needed = self.plan.policy.queries_needed() if compressing else 0
         outputs = []
         valid = []
         for h, head in enumerate(self.heads):
@@ -298,6 +299,7 @@ class CompressedLayer(CacheLayerMixin):
                     is_causal=plain_causal and q > 1, enable_gqa=True,
                 )
             )
+            needed = head.policy.queries_needed() if compressing else 0
             if needed != 0:
                 self._observe(head, q_h, attention_mask, scaling, needed)
             if compressing:
@@ -321,11 +323,11 @@ class CompressedLayer(CacheLayerMixin):
                 logits = logits.masked_fill(~allowed, float("-inf"))
             probs = logits.softmax(dim=-1).nan_to_num(0.0)
             probs = probs.mean(dim=1) if self.plan.group_reduce == "mean" else probs.amax(dim=1)
-            head.state = self.plan.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]
+            head.state = head.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]
 
     def scores(self, head: _Head, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
         """Policy scores [B, n] with protected tokens at +inf and padding at -inf."""
-        policy = self.plan.policy
+        policy = head.policy
         s = policy.score(head.keys[:, None], head.values[:, None], head.state[:, None], head.positions[:, None])[:, 0]
         s = s.float().clone()
         n = s.shape[1]
@@ -341,15 +343,21 @@ class CompressedLayer(CacheLayerMixin):
 
     def _compress(self, valid: list[torch.Tensor | None]) -> None:
         budget = self.plan.layer_target(self.seen, self.fraction)
-        if all(n <= budget for n in self.kept()):
+        by_role = self.plan.policy.head_budgets(self.layer_idx, self.seen, budget)
+        if by_role is not None:
+            counts = [min(c, n) for c, n in zip(by_role, self.kept(), strict=True)]
+            if counts == self.kept():
+                return
+            scores = [self.scores(head, v, c) for head, v, c in zip(self.heads, valid, counts, strict=True)]
+        elif all(n <= budget for n in self.kept()):
             return
-        scores = [self.scores(head, v, budget) for head, v in zip(self.heads, valid, strict=True)]
-        if self.plan.allocation == "adaptive":
-            counts = adaptive_counts(
-                [s.mean(dim=0) for s in scores], budget * len(self.heads), floor_tokens(budget, self.plan.floor)
-            )
         else:
-            counts = [min(budget, s.shape[1]) for s in scores]
+            scores = [self.scores(head, v, budget) for head, v in zip(self.heads, valid, strict=True)]
+            if self.plan.allocation == "adaptive":
+                floor = floor_tokens(budget, self.plan.floor)
+                counts = adaptive_counts([s.mean(dim=0) for s in scores], budget * len(self.heads), floor)
+            else:
+                counts = [min(budget, s.shape[1]) for s in scores]
         for head, s, k in zip(self.heads, scores, counts, strict=True):
             if k < s.shape[1]:
                 head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values)
@@ -374,6 +382,7 @@ class HeadwiseCache(Cache):
             for i in range(len(layer_types))
         ]
         super().__init__(layers=layers)
+        plan.policy.bind(config)
         self.plan = plan
 
     @property

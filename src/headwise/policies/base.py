@@ -63,6 +63,20 @@ class Policy:
         """Smallest token budget that this policy can honour (its protected tokens)."""
         return self.sinks + self.window
 
+    def for_head(self, layer_idx: int, head: int) -> Policy:
+        """The policy that scores one KV head (a composite policy returns a different one per head)."""
+        return self
+
+    def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int] | None:
+        """Tokens each KV head of a layer keeps, or None to let the plan's allocation decide.
+
+        ``budget`` is the layer's average per head after ``seen`` tokens.
+        """
+        return None
+
+    def bind(self, config) -> None:
+        """Check the policy fits the model (called when a cache is built for it)."""
+
     def accumulate(self, state: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Fold attention ``attn`` [B, H, q, n] of q new, consecutive queries into ``state`` [B, H, n].
 
