@@ -100,6 +100,10 @@ class Plan:
                 raise HeadwiseError(f"unknown {name} '{value}'; use one of {', '.join(allowed)}")
         if not 0 <= self.floor <= 1:
             raise HeadwiseError(f"floor must be in [0, 1], got {self.floor}")
+        sets_head_budgets = type(self.policy).head_budgets is not Policy.head_budgets
+        if sets_head_budgets and (self.schedule, self.allocation) != ("uniform", "uniform"):
+            raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
+                                "it takes no schedule or allocation option")
 
     def layer_target(self, seen: int, fraction: float) -> int:
         """Tokens one KV head of a layer keeps (on average) after ``seen`` tokens."""
