@@ -63,9 +63,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.policy is not None:
         from headwise.api import make_cache
 
+        options = [*args.option, f"profile={args.profile}"] if args.profile else args.option
         cache = make_cache(
             lm.model, args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode,
-            prompt_length=len(ids), options=args.option,
+            prompt_length=len(ids), options=options,
         )
         policy_note = cache.describe()
     result = generate(
@@ -113,6 +114,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", type=int, default=None, help="KV tokens to keep per head (instead of --ratio)")
     p.add_argument("--mode", default="prefill", choices=["prefill", "decode"],
                    help="compress after each prefill chunk, or also keep the budget while decoding")
+    p.add_argument("--profile", default=None, help="head profile for --policy headwise (from `headwise profile`)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="policy or plan option, e.g. -o window=64 -o schedule=pyramid")
     p.set_defaults(func=cmd_generate)
