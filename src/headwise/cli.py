@@ -55,6 +55,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.max_new_tokens < 1:
         raise HeadwiseError("--max-new-tokens must be at least 1")
+    options = [*args.option, f"profile={args.profile}"] if args.profile else args.option
+    if args.policy is not None:  # refuse bad compression arguments before the model loads
+        from headwise.api import make_plan
+
+        make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode, options=options)
     lm = load_model(args.model)
     ids = build_prompt(lm, text, chat=False if args.no_chat else None)
     ids = check_length(ids, lm.info.context_length, args.max_new_tokens, truncate=args.truncate)
@@ -63,7 +68,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.policy is not None:
         from headwise.api import make_cache
 
-        options = [*args.option, f"profile={args.profile}"] if args.profile else args.option
         cache = make_cache(
             lm.model, args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode,
             prompt_length=len(ids), options=options,
