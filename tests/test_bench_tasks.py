@@ -41,6 +41,7 @@ def test_answer_in_context_at_depth_and_length(task, length):
         assert tasks.MIN_FILL * budget <= sample.token_length <= budget
         assert sample.token_length == count_words(sample.prompt)
         assert abs(sample.needle_depth - sample.depth) <= 0.12
+        assert sample.context.startswith(tasks.PREAMBLES[task] + tasks.SEPARATOR)
         for answer in sample.answers:
             assert answer in sample.context
         assert scoring.score(sample.scoring, " ".join(sample.answers), sample.answers) == 1.0

@@ -29,6 +29,9 @@ with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of 
     uniquely titled sections, so at 8K tokens a QA context reaches only about 7.2K tokens (``token_length``
     says so; it stays above the ``MIN_FILL`` bound).
 
+Every context opens with a short task instruction that names no answer (the preambles of RULER's templates
+and of the original passkey test), so it is fair to the question-agnostic protocol.
+
 Lengths are measured with the model's tokenizer. A sample of target length ``L`` holds at most
 ``L - HEADROOM`` tokens of ``context + "\\n\\n" + question`` (``token_length``), so a chat template and the
 answer still fit in an ``L``-token window; fillers are whole paragraphs, so ``token_length`` falls a
@@ -275,6 +278,21 @@ def build_qa(rng: random.Random, depth: float) -> Spec:
     )
 
 
+_NUMBERS_PREAMBLE = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+    "I will quiz you about the numbers afterwards."
+)
+PREAMBLES = {
+    "passkey": "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the pass key afterwards.",
+    "multikey": _NUMBERS_PREAMBLE,
+    "multivalue": _NUMBERS_PREAMBLE,
+    "vartrack": "Memorize and track the chain(s) of variable assignments hidden in the following text.",
+    "kv": "A registry of keys and their values is hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about it afterwards.",
+    "qa": "The following text is a set of sections of the Python language reference, each under a ## title line.",
+}
+
 BUILDERS: dict[str, Callable[[random.Random, float], Spec]] = {
     "passkey": build_passkey,
     "multikey": build_multikey,
@@ -311,14 +329,16 @@ def _insert_needles(units: list[str], sizes: list[int], needles: list[tuple[floa
     return parts, target
 
 
-def assemble(spec: Spec, budget: int, count_tokens: CountTokens) -> tuple[str, float, int]:
-    """Fill prose around the needles up to ``budget`` tokens; return context, measured depth, token length.
+def assemble(spec: Spec, budget: int, count_tokens: CountTokens, preamble: str) -> tuple[str, float, int]:
+    """Fill prose around the needles up to ``budget`` tokens after ``preamble``; return context, measured depth,
+    token length.
 
     Filler units longer than ``budget / UNIT_FRACTION`` tokens are skipped, so needle depths land close to
     the requested ones. Raises :class:`HeadwiseError` when the result would fall below ``MIN_FILL`` of the
     budget or hold less than ``MIN_PROSE`` of it in prose (needles too long for the length).
     """
-    fixed = count_tokens(SEPARATOR + spec.question) + sum(count_tokens(t) + 1 for _, t in spec.needles)
+    fixed = count_tokens(preamble + SEPARATOR + SEPARATOR + spec.question)
+    fixed += sum(count_tokens(t) + 1 for _, t in spec.needles)
     units: list[str] = []
     sizes: list[int] = []
     used = fixed
@@ -330,6 +350,7 @@ def assemble(spec: Spec, budget: int, count_tokens: CountTokens) -> tuple[str, f
             used += size
     while True:
         parts, target = _insert_needles(units, sizes, spec.needles)
+        parts, target = [preamble, *parts], target + 1
         context = SEPARATOR.join(parts)
         length = count_tokens(context + SEPARATOR + spec.question)
         if length <= budget or not units:
@@ -339,8 +360,8 @@ def assemble(spec: Spec, budget: int, count_tokens: CountTokens) -> tuple[str, f
     if not MIN_FILL * budget <= length <= budget or sum(sizes) < MIN_PROSE * budget:
         raise HeadwiseError(f"cannot fill {budget} tokens with this task's needles and prose (got {length}); "
                             "use another length")
-    offset = len(SEPARATOR.join(parts[:target]) + (SEPARATOR if target else ""))
-    depth = count_tokens(context[:offset]) / max(count_tokens(context), 1) if offset else 0.0
+    offset = len(SEPARATOR.join(parts[:target]) + SEPARATOR)
+    depth = count_tokens(context[:offset]) / max(count_tokens(context), 1)
     return context, round(depth, 4), length
 
 
@@ -371,7 +392,7 @@ def generate(
     for i in range(n_samples):
         depth = depths[i % len(depths)]
         spec = BUILDERS[task](random.Random(f"{seed}:{task}:{length}:{i}"), depth)
-        context, needle_depth, token_length = assemble(spec, length - HEADROOM, count_tokens)
+        context, needle_depth, token_length = assemble(spec, length - HEADROOM, count_tokens, PREAMBLES[task])
         samples.append(
             Sample(
                 id=f"{task}-{length}-s{seed}-{i}", task=task, length=length, token_length=token_length,
