@@ -192,8 +192,8 @@ class LayerStats:
             return
         self.received = _grow(self.received, width)
         self.visible = _grow(self.visible, width)
-        self.received[:, :width] += probs.sum(1, dtype=torch.float64)
-        self.visible[:width] += allowed.sum(0, dtype=torch.float64)
+        self.received[:, :width] += probs.sum(1).double()  # sum in float32: no float64 copy of the block
+        self.visible[:width] += allowed.sum(0).double()
         self.entropy_sum -= torch.special.xlogy(probs, probs).sum(-1).sum(-1, dtype=torch.float64)
         self.queries += block
 
