@@ -12,6 +12,7 @@ from headwise.models import DEFAULT_MODEL
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from headwise.models import load_model
+    from headwise.profile.metrics import ROLES
     from headwise.profile.profiler import ProfileSettings, profile_model
     from headwise.profile.report import write_outputs
 
@@ -21,8 +22,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     result = profile_model(lm, settings, progress=not args.quiet)
     paths = write_outputs(result, Path(args.out))
     profile = result.profile
-    counts = {role: sum(r == role for row in profile.roles for r in row) for role in ("retrieval", "induction", "sink",
-                                                                                       "local", "mixed")}
+    counts = {role: sum(r == role for row in profile.roles for r in row) for role in ROLES}
     runs = profile.retrieval_runs
     print(f"{lm.name}: {profile.num_layers} layers x {profile.num_heads} heads; roles "
           + ", ".join(f"{k} {v}" for k, v in counts.items()))
