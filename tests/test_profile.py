@@ -191,7 +191,8 @@ def test_html_escapes_tokens_and_is_self_contained(tiny_result):
 @pytest.mark.slow
 def test_profile_smollm2_short(smollm2, tmp_path):
     """The real model answers the needle, so retrieval scores come from a real copy-paste run."""
-    settings = ProfileSettings(length=320, repeat_length=256, runs=1, capture=CaptureSettings(windows=(16, 64, 256)))
+    settings = ProfileSettings(length=160, repeat_length=128, runs=1, max_new_tokens=32,
+                               capture=CaptureSettings(windows=(16, 64)), thresholds=RoleThresholds(local_window=64))
     result = profile_model(smollm2, settings, progress=False)
     p = result.profile
     assert p.retrieval_runs["passed"] == 1, p.retrieval_runs

@@ -200,7 +200,8 @@ def _retrieval(lm: LoadedModel, settings: ProfileSettings, bar: tqdm) -> tuple[t
     if not scores:
         raise HeadwiseError(
             f"all {settings.runs} needle-in-a-haystack runs answered wrong (e.g. {failures[0]['answer']!r} for "
-            f"{failures[0]['expected']!r}), so no retrieval score can be measured; try a shorter --length"
+            f"{failures[0]['expected']!r}), so no retrieval score can be measured; "
+            "try a shorter --length or a different --seed"
         )
     if failures:
         print(f"headwise: WARNING: {len(failures)} of {settings.runs} needle runs failed the correctness gate; "
