@@ -132,6 +132,5 @@ def make_cache(
         ``floor``, ``group_reduce``).
     """
     plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options)
-    if model.config._attn_implementation != headwise.attention.NAME:
-        model.set_attn_implementation(headwise.attention.NAME)
+    model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)

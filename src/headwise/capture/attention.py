@@ -105,15 +105,18 @@ def register() -> None:
 def capture(model: torch.nn.Module, settings: CaptureSettings | None = None) -> Iterator[AttentionRecorder]:
     """Run ``model`` with the capture attention inside the block; yield the recorder that fills up.
 
-    The previous attention implementation is restored on exit, also after an exception.
+    On exit, also after an exception, the model is left on headwise's own attention (``"headwise"``), which is
+    transformers' SDPA for any cache but a headwise cache: transformers has no public getter for the previous
+    implementation, and headwise does not read private attributes.
     """
+    from headwise.attention import NAME as HEADWISE_ATTENTION
+
     register()
     recorder = AttentionRecorder(settings or CaptureSettings())
-    previous = model.config._attn_implementation
     model.set_attn_implementation(CAPTURE_NAME)
     token = _ACTIVE.set(recorder)
     try:
         yield recorder
     finally:
         _ACTIVE.reset(token)
-        model.set_attn_implementation(previous)
+        model.set_attn_implementation(HEADWISE_ATTENTION)
