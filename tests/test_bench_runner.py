@@ -24,12 +24,12 @@ def samples():
     return {
         (t, n): tasks.generate(t, n, 1, 0, count_words, tokenizer_name="words")
         for t in ("passkey", "kv")
-        for n in (512,)
+        for n in (768,)
     }
 
 
 def cells(methods=("streaming_llm",), ratios=(0.5,), protocols=("agnostic",)):
-    return runner.plan_cells("tiny-llama", methods, ratios, ["passkey", "kv"], [512], protocols=protocols,
+    return runner.plan_cells("tiny-llama", methods, ratios, ["passkey", "kv"], [768], protocols=protocols,
                              n_samples=1, seed=0)
 
 
@@ -112,9 +112,9 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samp
 
 def test_sample_longer_than_the_model_context_is_refused(samples):
     short = tiny_lm(context_length=256)
-    cell = runner.Cell("tiny-llama", "full", 0.0, "passkey", 512, "agnostic", 1, 0)
+    cell = runner.Cell("tiny-llama", "full", 0.0, "passkey", 768, "agnostic", 1, 0)
     with pytest.raises(HeadwiseError, match="context"):
-        runner.run_sample(short, samples[("passkey", 512)][0], cell)
+        runner.run_sample(short, samples[("passkey", 768)][0], cell)
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2 tokenizer not cached")
