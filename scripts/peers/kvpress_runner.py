@@ -1,12 +1,10 @@
 """Peer runner: NVIDIA kvpress presses on headwise's benchmark tasks, scored and recorded the headwise way.
 
 Runs inside ``.venv-kvpress`` (made by ``scripts/peers/setup_kvpress.sh``): kvpress pins transformers below
-5.3 while headwise runs on 5.x latest, so this script must never import headwise. It carries its own copies
-of the few things it shares with headwise, each small and pure so that a test in headwise's suite can check
-that they agree:
+5.3 while headwise runs on 5.x latest, so this script imports only headwise's standard-library modules
+(``headwise.bench.scoring`` for the scores, ``headwise.bench.store`` to append records,
+``headwise.memory`` for peak RSS) and mirrors the rest:
 
-- the scoring rules (``normalize``, ``exact_match``, ``contains``, ``part_match``, ``score``): the same
-  definitions as ``headwise.bench.scoring``;
 - the prompt (``prompt_parts``): the chat template applied to the user turn ``context + "\\n\\n" + question``,
   rendered once, cut at the end of the context text, both pieces tokenized separately, exactly as
   ``headwise.bench.runner.prompt_parts``; the context piece is prefilled with the press active, the
@@ -54,126 +52,32 @@ import hashlib
 import json
 import os
 import platform
-import re
 import statistics
-import string
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import version
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+# Two headwise modules that need only the standard library: the scoring rules and the peak-RSS sampler are
+# imported, not copied, so both libraries are scored and measured by the same code. Nothing that imports
+# torch or transformers is loaded from headwise.
+sys.path.insert(0, str(REPO / "src"))
+from headwise.bench.scoring import score  # noqa: E402
+from headwise.bench.store import append_record  # noqa: E402
+from headwise.memory import PeakRSS  # noqa: E402
+
 DEFAULT_MODEL_DIR = Path(os.environ.get("HEADWISE_CACHE", Path.home() / ".cache" / "headwise")) / "models"
 DEFAULT_OUT = REPO / "results" / "peers" / "kvpress.jsonl"
 LIBRARY = "kvpress"
 PROTOCOL = "agnostic"
 SEPARATOR = "\n\n"
 DEFAULT_MAX_NEW_TOKENS = 32
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring: identical definitions to headwise.bench.scoring (pure functions, no torch, no kvpress).
-# ---------------------------------------------------------------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "“”‘’"})
-
-
-def normalize(text: str) -> str:
-    """SQuAD normalization: lower case, punctuation to spaces, articles removed, whitespace collapsed."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
-
-
-def _occurs(answer: str, output: str) -> bool:
-    """Whether the normalized ``answer`` occurs in the normalized ``output`` as whole words."""
-    needle = normalize(answer)
-    return bool(needle) and f" {needle} " in f" {normalize(output)} "
-
-
-def exact_match(output: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalized output equals one of the normalized answers, else 0.0."""
-    return float(normalize(output) in {normalize(a) for a in answers})
-
-
-def contains(output: str, answers: Sequence[str]) -> float:
-    """1.0 if any answer occurs (as whole normalized words) in the output, else 0.0."""
-    return float(any(_occurs(a, output) for a in answers))
-
-
-def part_match(output: str, answers: Sequence[str]) -> float:
-    """Fraction of the answers that occur (as whole normalized words) in the output."""
-    if not answers:
-        raise ValueError("a sample scored with 'part' needs at least one answer")
-    return sum(_occurs(a, output) for a in answers) / len(answers)
-
-
-SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
-    "exact": exact_match,
-    "contains": contains,
-    "part": part_match,
-}
-
-
-def score(rule: str, output: str, answers: Sequence[str]) -> float:
-    """Score ``output`` against ``answers`` with the named rule."""
-    if rule not in SCORERS:
-        raise ValueError(f"unknown scoring rule '{rule}': use one of {', '.join(SCORERS)}")
-    return SCORERS[rule](output, answers)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Peak resident memory, sampled in a thread (same approach as headwise.memory.PeakRSS).
-# ---------------------------------------------------------------------------------------------------------
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process, in bytes."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * _PAGE
-
-
-class PeakRSS:
-    """Context manager: ``peak`` is the largest RSS seen inside the block, ``delta`` that minus RSS at entry."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.start = 0
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss_bytes()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def delta(self) -> int:
-        """Peak RSS above the level at entry, in bytes."""
-        return self.peak - self.start
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Tasks and prompts.
@@ -503,21 +407,6 @@ def completed_keys(path: Path) -> set[str]:
         if isinstance(record, dict) and all(name in record for name in REQUIRED):
             keys.add(record["key"])
     return keys
-
-
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one record as a JSON line with one write, then flush and fsync (a torn last line is ended first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n"
-    with open(path, "a+b") as fh:
-        fh.seek(0, os.SEEK_END)
-        if fh.tell() > 0:
-            fh.seek(-1, os.SEEK_END)
-            if fh.read(1) != b"\n":
-                fh.write(b"\n")
-        fh.write(line.encode("utf-8"))
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def git_commit(repo: Path) -> str | None:
