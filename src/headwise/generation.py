@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Cache, DynamicCache
@@ -106,7 +106,6 @@ class GenerationResult:
     kv_bytes: int
     prefill_seconds: float
     decode_seconds: float
-    stats: dict = field(default_factory=dict)
 
     @property
     def decode_tokens_per_second(self) -> float:

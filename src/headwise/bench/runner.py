@@ -33,9 +33,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from transformers import Cache, DynamicCache
+from transformers import Cache
 
 import headwise
+from headwise.api import make_cache
 from headwise.bench.scoring import score
 from headwise.bench.store import append_record, completed_keys
 from headwise.bench.tasks import SEPARATOR, Sample
@@ -129,14 +130,7 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
 
 
 def new_cache(lm: LoadedModel, cell: Cell, prompt_length: int) -> Cache:
-    """The cache for a cell: :func:`headwise.api.make_cache`, or a plain ``DynamicCache`` for ``full`` when
-    the compression API is not available."""
-    try:
-        from headwise.api import make_cache
-    except ImportError:
-        if cell.method != FULL:
-            raise HeadwiseError(f"method '{cell.method}' needs headwise.api, which is not available") from None
-        return DynamicCache(config=lm.model.config)
+    """The headwise cache for a cell (``full`` is headwise's uncompressed path, so every method shares it)."""
     return make_cache(lm.model, cell.method, ratio=cell.ratio, prompt_length=prompt_length, options=cell.options)
 
 
