@@ -43,6 +43,7 @@ def test_empty_prompt_and_unreadable_file(capsys, tmp_path):
 def test_bad_compression_arguments_are_refused_before_loading(capsys):
     assert "ratio must be in [0, 1)" in run(capsys, "generate", "--policy", "snapkv", "--ratio", "1.5", "hi")[2]
     assert "unknown policy" in run(capsys, "generate", "--policy", "zip", "--ratio", "0.5", "hi")[2]
+    assert "--chunk-size must be" in run(capsys, "generate", "--chunk-size", "-3", "hi")[2]
 
 
 def test_prompt_longer_than_context_is_refused_or_truncated_on_request():

@@ -55,6 +55,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.max_new_tokens < 1:
         raise HeadwiseError("--max-new-tokens must be at least 1")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise HeadwiseError("--chunk-size must be at least 1")
     options = [*args.option, f"profile={args.profile}"] if args.profile else args.option
     if args.policy is not None:  # refuse bad compression arguments before the model loads
         from headwise.api import make_plan
