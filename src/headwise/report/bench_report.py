@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from headwise.policies import POLICIES
 from headwise.report.html import esc, img, page, table, write_atomic
 
 MIB = 2**20
@@ -141,10 +142,22 @@ def _figure_png(draw: Callable[[object], None], panels: Sequence[object], title:
     return buffer.getvalue()
 
 
+#: Methods in a fixed order, so each gets its own colour, the same in every plot and every report.
+KNOWN_METHODS = (*POLICIES, "expected_attention", "adakv_expected_attention")
+
+
+def _colour(method: str) -> tuple[float, ...]:
+    """A distinct tab20 colour per known method; others share the colours after them."""
+    index = KNOWN_METHODS.index(method) if method in KNOWN_METHODS else len(KNOWN_METHODS) + sum(map(ord, method))
+    from matplotlib import colormaps
+
+    return tuple(colormaps["tab20"](index % 20))
+
+
 def _style(library: str, method: str, protocol: str) -> dict:
     """Line style: colour by method (stable across plots), dotted with crosses for peers, squares when aware."""
     peer = library != "headwise"
-    colour = f"C{sum(map(ord, method)) % 10}"
+    colour = _colour(method)
     marker = ("x" if peer else "o") if protocol == "agnostic" else "s"
     return {"linestyle": ":" if peer else "-", "marker": marker, "color": colour}
 
