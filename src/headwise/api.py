@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 import headwise.attention  # registers the "headwise" attention function
-from headwise.cache import MODES, HeadwiseCache, Plan
+from headwise.budgets import keep_count
+from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES, make_policy
 
@@ -73,8 +74,6 @@ def make_plan(
     options: list[str] | dict[str, Any] | None = None,
 ) -> Plan:
     """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed)."""
-    if mode not in MODES:
-        raise HeadwiseError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     opts = parse_options(options)
     plan_defaults = {f.name: f.default for f in dataclasses.fields(Plan) if f.name in PLAN_OPTIONS}
     plan_opts = {k: _convert(opts.pop(k), plan_defaults[k], k) for k in list(opts) if k in plan_defaults}
@@ -92,12 +91,11 @@ def make_plan(
     if prompt_length is not None and pol.compresses:
         if budget is not None and budget > prompt_length:
             raise HeadwiseError(f"budget {budget} is larger than the prompt ({prompt_length} tokens)")
-        keep = plan.layer_target(prompt_length, 1.0)
-        if ratio is not None and ratio > 0 and round((1 - ratio) * prompt_length) < pol.min_budget():
+        kept = keep_count(prompt_length, ratio=ratio) if ratio is not None else None
+        if ratio and kept is not None and kept < pol.min_budget():
             raise HeadwiseError(
-                f"ratio {ratio} keeps {round((1 - ratio) * prompt_length)} of {prompt_length} tokens, below the "
-                f"minimum of policy '{policy}' ({pol.min_budget()} tokens: sinks + window); keeping {keep}"
-                " would not honour the ratio"
+                f"ratio {ratio} keeps {kept} of {prompt_length} tokens, below the minimum of policy '{policy}' "
+                f"({pol.min_budget()} tokens: sinks + window)"
             )
     return plan
 
