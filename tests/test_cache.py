@@ -65,7 +65,30 @@ def kept_only_attention(module, query, key, value, attention_mask, scaling=None,
     return _eager(query, key, value, allowed, scaling)
 
 
-for _name, _fn in (("record", record_attention), ("kept_only", kept_only_attention)):
+def compensated_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Like ``kept_only_attention``, plus one token per head for the evicted ones (all but the last query's
+    own): their mean key and value, with its logit raised by log(count) so it weighs as that many tokens."""
+    out, _ = kept_only_attention(module, query, key, value, attention_mask, scaling)
+    if module.layer_idx not in KEPT:
+        return out, None
+    group = query.shape[1] // key.shape[1]
+    n = key.shape[2]
+    for h in range(query.shape[1]):
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[KEPT[module.layer_idx][h // group][0].long()] = True
+        keep[-1] = True
+        k, v = key[0, h // group], value[0, h // group]
+        gone = ~keep
+        keys = torch.cat([k[gone].mean(0, keepdim=True), k[keep]])
+        values = torch.cat([v[gone].mean(0, keepdim=True), v[keep]])
+        logits = (keys @ query[0, h, -1]) * scaling
+        logits[0] += torch.log(gone.sum().float())
+        out[0, -1, h] = logits.softmax(-1) @ values
+    return out, None
+
+
+for _name, _fn in (("record", record_attention), ("kept_only", kept_only_attention),
+                   ("compensated", compensated_attention)):
     AttentionInterface.register(_name, _fn)
     AttentionMaskInterface.register(_name, sdpa_mask)
 
@@ -178,6 +201,40 @@ def test_attention_over_compressed_cache_equals_kept_only_reference(arch, alloca
     # The reference layers see the token fed after compression too (it is stored, never evicted here).
     reference = plain_logits(model, torch.cat([prompt, extra], 1), attn="kept_only")[:, -1]
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compensation_token_equals_mean_of_evicted_weighted_by_their_count(arch):
+    model = tiny_model(arch)
+    prompt, extra = ids(N, seed=3), ids(1, seed=4)
+    cache = make_cache(model, "snapkv", ratio=0.6, options={"compensate": "true", "window": 4})
+    prefill(model, prompt, cache)
+    with torch.inference_mode():
+        got = model(extra, past_key_values=cache).logits[:, -1]
+    KEPT.clear()
+    KEPT.update({layer.layer_idx: [h.positions for h in layer.heads] for layer in cache.compressed_layers})
+    reference = plain_logits(model, torch.cat([prompt, extra], 1), attn="compensated")[:, -1]
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+    # Without the token the logits differ: the test can tell the two apart.
+    assert not torch.allclose(got, plain_logits(model, torch.cat([prompt, extra], 1), attn="kept_only")[:, -1],
+                              rtol=1e-4, atol=1e-5)
+
+
+def test_compensation_merges_every_eviction_across_chunks_and_counts_its_bytes():
+    model = tiny_model("llama")
+    prompt = ids(N, seed=6)
+    plain_logits(model, prompt, attn="record")  # layer 0's keys/values do not depend on earlier attention
+    _, key, _ = RECORDED[0]
+    cache = make_cache(model, "knorm", ratio=0.75, options={"compensate": True})
+    prefill(model, prompt, cache, chunk_size=16)
+    layer = cache.compressed_layers[0]
+    for h, head in enumerate(layer.heads):
+        gone = torch.ones(N, dtype=torch.bool)
+        gone[head.positions[0].long()] = False
+        assert head.evicted.item() == gone.sum().item() == N - head.keys.shape[1]
+        torch.testing.assert_close(head.summary[0][0, 0], key[0, h][gone].mean(0), rtol=1e-5, atol=1e-6)
+    d = model.config.head_dim
+    assert layer.nbytes() == sum((n + 1) * 2 * d * 4 for n in layer.kept())
 
 
 # --- memory follows the kept count -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES, make_policy
 
-PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce")
+PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce", "compensate")
 
 
 def policy_names() -> list[str]:

@@ -71,6 +71,11 @@ class Plan:
     group_reduce : str
         How the query heads of one GQA group are combined into one attention row per KV head:
         ``"mean"`` or ``"max"``.
+    compensate : bool
+        Keep, per head, one compensation token in place of everything it evicted: the mean of the evicted
+        keys and values, which attention weighs as that many tokens (RazorAttention, Tang et al. 2024,
+        "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads"). Costs one key and one
+        value per head, counted in :meth:`CompressedLayer.nbytes`.
     """
 
     policy: Policy
@@ -82,6 +87,7 @@ class Plan:
     allocation: str = "uniform"
     floor: float = 0.2
     group_reduce: str = "mean"
+    compensate: bool = False
 
     def __post_init__(self) -> None:
         if self.policy.compresses and (self.ratio is None) == (self.budget is None):
@@ -139,13 +145,19 @@ def take_handoff(key: torch.Tensor) -> CompressedLayer | None:
 
 @dataclass
 class _Head:
-    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n], and its policy."""
+    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n], and its policy.
+
+    With compensation, ``summary`` holds the mean key and value of the evicted tokens ([B, 1, d] each) and
+    ``evicted`` their count per row ([B], float); both stay None until the head first evicts.
+    """
 
     policy: Policy
     keys: torch.Tensor
     values: torch.Tensor
     positions: torch.Tensor
     state: torch.Tensor
+    summary: tuple[torch.Tensor, torch.Tensor] | None = None
+    evicted: torch.Tensor | None = None
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys], dim=1)
@@ -153,8 +165,14 @@ class _Head:
         self.positions = torch.cat([self.positions, positions], dim=1)
         self.state = torch.cat([self.state, keys.new_zeros(positions.shape)], dim=1)
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep the tokens at ``index`` [B, k] (sorted), allocating new tensors so the rest is freed."""
+    def keep(self, index: torch.Tensor, compensate: bool = False, valid: torch.Tensor | None = None) -> None:
+        """Keep the tokens at ``index`` [B, k] (sorted), allocating new tensors so the rest is freed.
+
+        With ``compensate``, the evicted tokens that are ``valid`` ([B, n] bool, None: all) are folded into
+        the running mean ``summary`` first.
+        """
+        if compensate:
+            self._summarize(index, valid)
         d = self.keys.shape[-1]
         wide = index.unsqueeze(-1).expand(-1, -1, d)
         self.keys = self.keys.gather(1, wide)
@@ -162,9 +180,45 @@ class _Head:
         self.positions = self.positions.gather(1, index)
         self.state = self.state.gather(1, index)
 
+    def _summarize(self, index: torch.Tensor, valid: torch.Tensor | None) -> None:
+        gone = torch.ones_like(self.positions, dtype=torch.bool).scatter(1, index, False)
+        if valid is not None:
+            gone &= valid
+        weight = gone.to(self.keys.dtype)
+        count = weight.sum(dim=1)
+        sums = [torch.einsum("bn,bnd->bd", weight, x)[:, None] for x in (self.keys, self.values)]
+        if self.summary is not None:
+            sums = [s + m * self.evicted[:, None, None] for s, m in zip(sums, self.summary, strict=True)]
+            count = count + self.evicted
+        scale = count.clamp_min(1)[:, None, None]
+        self.summary = (sums[0] / scale, sums[1] / scale)
+        self.evicted = count
+
+    def attended(self, allowed: torch.Tensor | None, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys [B, 1, m, d], values and SDPA mask for attention; the summary (if any) weighs ``evicted`` tokens."""
+        keys, values = self.keys[:, None], self.values[:, None]
+        if self.summary is None:
+            return keys, values, allowed
+        b, n = self.positions.shape
+        mask = keys.new_zeros(b, 1, q, n)
+        if allowed is not None:
+            mask = mask.masked_fill(~allowed, float("-inf"))
+        bias = self.evicted.log()[:, None, None, None].expand(b, 1, q, 1).to(mask.dtype)
+        keys = torch.cat([self.summary[0][:, None], keys], dim=2)
+        values = torch.cat([self.summary[1][:, None], values], dim=2)
+        return keys, values, torch.cat([bias, mask], dim=-1)
+
+    def nbytes(self) -> int:
+        """Bytes of the kept keys and values, and of the summary token."""
+        held = [self.keys, self.values, *(self.summary or ())]
+        return sum(t.nbytes for t in held)
+
     def select_batch(self, index: torch.Tensor) -> None:
         self.keys, self.values = self.keys[index], self.values[index]
         self.positions, self.state = self.positions[index], self.state[index]
+        if self.summary is not None:
+            self.summary = (self.summary[0][index], self.summary[1][index])
+            self.evicted = self.evicted[index]
 
 
 class CompressedLayer(CacheLayerMixin):
@@ -247,15 +301,16 @@ class CompressedLayer(CacheLayerMixin):
     # memory accounting ------------------------------------------------------------------------------------
 
     def nbytes(self) -> int:
-        """Bytes held by the kept keys and values of all heads."""
-        return sum(h.keys.nbytes + h.values.nbytes for h in self.heads)
+        """Bytes held by the kept keys and values of all heads (and their compensation tokens)."""
+        return sum(h.nbytes() for h in self.heads)
 
     def metadata_bytes(self) -> int:
-        """Bytes of bookkeeping: original positions and policy state of the kept tokens."""
-        return sum(h.positions.nbytes + h.state.nbytes for h in self.heads)
+        """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts."""
+        return sum(h.positions.nbytes + h.state.nbytes + (h.evicted.nbytes if h.evicted is not None else 0)
+                   for h in self.heads)
 
     def kept(self) -> list[int]:
-        """Tokens kept per KV head."""
+        """Tokens kept per KV head (not counting a compensation token)."""
         return [h.keys.shape[1] for h in self.heads]
 
     # attention and compression ----------------------------------------------------------------------------
@@ -297,10 +352,11 @@ class CompressedLayer(CacheLayerMixin):
             # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
             plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
             allowed = None if plain_causal else self._allowed(head, attention_mask, q)
+            keys, values, mask = head.attended(allowed, q)
             outputs.append(
                 F.scaled_dot_product_attention(
-                    q_h, head.keys[:, None], head.values[:, None], attn_mask=allowed, scale=scaling,
-                    is_causal=plain_causal and q > 1, enable_gqa=True,
+                    q_h, keys, values, attn_mask=mask, scale=scaling, is_causal=plain_causal and q > 1,
+                    enable_gqa=True,
                 )
             )
             needed = head.policy.queries_needed() if compressing else 0
@@ -362,9 +418,9 @@ class CompressedLayer(CacheLayerMixin):
                 counts = adaptive_counts([s.mean(dim=0) for s in scores], budget * len(self.heads), floor)
             else:
                 counts = [min(budget, s.shape[1]) for s in scores]
-        for head, s, k in zip(self.heads, scores, counts, strict=True):
+        for head, s, k, v in zip(self.heads, scores, counts, valid, strict=True):
             if k < s.shape[1]:
-                head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values)
+                head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values, self.plan.compensate, v)
 
 
 class HeadwiseCache(Cache):
