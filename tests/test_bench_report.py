@@ -89,6 +89,15 @@ def test_peer_records_are_harmonized(records):
     assert flat["peak_rss_delta"] == records[1]["peak_rss_delta"] and flat["kv_bytes"] == records[1]["kv_bytes"]
 
 
+def test_headwise_variants_get_rows_of_their_own(records):
+    base = {**records[1], "library": "headwise", "method": "headwise", "ratio": 0.75}
+    plain = harmonize({**base, "options": {"profile": "p.json"}})
+    variant = harmonize({**base, "options": {"profile": "p.json", "compensate": "true"}})
+    assert plain["method"] == "headwise" and variant["method"] == "headwise compensate=true"
+    rows = summary([plain, variant])[1]
+    assert sorted(row[2] for row in rows) == ["headwise", "headwise compensate=true"]
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--report-only", "--out", str(tmp_path)]) == 2
     assert "no results" in capsys.readouterr().err

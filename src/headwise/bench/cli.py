@@ -108,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         run_sweep(args, out)
         if args.tasks_only:
             return
-    records = read_records(out / RESULTS)
+    records = [harmonize(r) for r in read_records(out / RESULTS)]
     for peer in args.peer:
         if not Path(peer).exists():
             raise HeadwiseError(f"peer results file '{peer}' does not exist")

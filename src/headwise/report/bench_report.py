@@ -27,14 +27,21 @@ PLOTS = {
 
 
 ALIASES = {"peak_rss_bytes": "peak_rss", "peak_rss_delta_bytes": "peak_rss_delta"}
+#: headwise options that name an input file rather than change the method; left out of method labels.
+INPUT_OPTIONS = ("profile",)
 
 
 def harmonize(record: dict) -> dict:
-    """Bring a peer's record to headwise's field names: nested ``metrics`` and ``metadata`` lifted to the top,
-    ``peak_rss_bytes``-style aliases renamed, and a ``"<library>:"`` prefix dropped from the method name."""
+    """Bring a record to the report's fields: a peer's nested ``metrics`` and ``metadata`` lifted to the top,
+    ``peak_rss_bytes``-style aliases renamed, a ``"<library>:"`` prefix dropped from the method name, and a
+    headwise method run with options named with them (``snapkv window=32``), so variants get rows of their own."""
     flat = {**record.get("metadata", {}), **record.get("metrics", {}), **record}
     flat = {ALIASES.get(k, k): v for k, v in flat.items()}
-    flat["method"] = str(flat["method"]).removeprefix(f"{flat['library']}:")
+    method = str(flat["method"]).removeprefix(f"{flat['library']}:")
+    if flat["library"] == "headwise":
+        options = sorted((k, v) for k, v in (flat.get("options") or {}).items() if k not in INPUT_OPTIONS)
+        method = " ".join([method, *(f"{k}={v}" for k, v in options)])
+    flat["method"] = method
     return flat
 
 
