@@ -10,7 +10,14 @@ import pytest
 from headwise.bench import store
 from headwise.bench.store import append_record
 from headwise.cli import main
-from headwise.report.bench_report import PLOTS, build_report, harmonize, summary, terminal_table
+from headwise.report.bench_report import (
+    PLOTS,
+    build_report,
+    harmonize,
+    markdown_table,
+    summary,
+    terminal_table,
+)
 
 
 def record(library: str, method: str, ratio: float, task: str, length: int, score: float, **extra) -> dict:
@@ -96,6 +103,22 @@ def test_headwise_variants_get_rows_of_their_own(records):
     assert plain["method"] == "headwise" and variant["method"] == "headwise compensate=true"
     rows = summary([plain, variant])[1]
     assert sorted(row[2] for row in rows) == ["headwise", "headwise compensate=true"]
+
+
+def test_markdown_tables_one_per_length(tmp_path, records, capsys):
+    out = tmp_path / "bench"
+    out.mkdir()
+    for r in records:
+        append_record(out / "results.jsonl", r)
+    assert main(["bench", "--report-only", "--markdown", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    lengths = sorted({r["length"] for r in records})
+    assert [line for line in printed.splitlines() if line.startswith("####")] == [f"#### {n} tokens" for n in lengths]
+    headers = [line for line in printed.splitlines() if line.startswith("| library |")]
+    assert len(headers) == 2 and "passkey 1024" in headers[0] and "passkey 2048" not in headers[0]
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert {line.count(" | ") for line in table} == {len(headers[0].split(" | ")) - 1}
+    assert markdown_table(["a", "b"], [["x|y", 1]]).splitlines()[2] == "| x\\|y | 1 |"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

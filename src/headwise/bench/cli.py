@@ -101,7 +101,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from headwise.bench.store import read_records
-    from headwise.report.bench_report import build_report, harmonize, terminal_table
+    from headwise.report.bench_report import build_report, harmonize, markdown_table, summary, terminal_table
 
     out = Path(args.out)
     if not args.report_only:
@@ -115,7 +115,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         records += [harmonize(r) for r in read_records(Path(peer))]
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
-    print(terminal_table(records))
+    if args.markdown:
+        for length in sorted({r["length"] for r in records}):
+            print(f"\n#### {length} tokens\n")
+            print(markdown_table(*summary([r for r in records if r["length"] == length])))
+    else:
+        print(terminal_table(records))
     print(f"report: {build_report(records, out)}")
 
 
@@ -143,5 +148,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")
     p.add_argument("--peer", action="append", default=[], metavar="RESULTS.jsonl",
                    help="a peer library's results file to include in the report")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the summary as Markdown tables, one per length (for BENCHMARKS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
