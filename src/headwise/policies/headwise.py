@@ -15,7 +15,8 @@ token budget exactly (see :func:`role_budgets`):
 4. anything still left goes back to the streaming heads.
 
 Streaming heads (profile roles ``local`` and ``sink``) keep the sinks plus the most recent tokens
-(StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default).
+(StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default). RazorAttention's
+compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies to any policy).
 """
 
 from __future__ import annotations
