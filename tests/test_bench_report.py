@@ -15,6 +15,7 @@ from headwise.report.bench_report import (
     build_report,
     harmonize,
     markdown_table,
+    score_grid,
     summary,
     terminal_table,
 )
@@ -70,7 +71,7 @@ def test_html_report_is_self_contained_and_escaped(records, tmp_path):
     html = path.read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(PLOTS)
     assert not re.search(r"https?://", html)
-    assert html.count("<table>") == 3
+    assert html.count("<table>") == 4
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     for name in PLOTS:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
@@ -105,6 +106,16 @@ def test_headwise_variants_get_rows_of_their_own(records):
     assert sorted(row[2] for row in rows) == ["headwise", "headwise compensate=true"]
 
 
+def test_score_grid_puts_methods_side_by_side(records):
+    headers, rows = score_grid(records)
+    assert headers[3:] == ["1024 @0", "1024 @0.5", "1024 @0.75", "2048 @0", "2048 @0.5", "2048 @0.75"]
+    by_key = {tuple(r[:3]): r[3:] for r in rows}
+    # snapkv (agnostic) scores 1 - ratio / 2 on both tasks; the full cache has the ratio-0 column only
+    assert by_key["headwise", "snapkv", "agnostic"] == ["", "0.750", "0.625", "", "0.750", "0.625"]
+    assert by_key["kvpress", "full", "agnostic"] == ["0.950", "", "", "0.950", "", ""]
+    assert ("headwise", "snapkv", "aware") in by_key
+
+
 def test_markdown_tables_one_per_length(tmp_path, records, capsys):
     out = tmp_path / "bench"
     out.mkdir()
@@ -114,10 +125,12 @@ def test_markdown_tables_one_per_length(tmp_path, records, capsys):
     printed = capsys.readouterr().out
     lengths = sorted({r["length"] for r in records})
     assert [line for line in printed.splitlines() if line.startswith("####")] == [f"#### {n} tokens" for n in lengths]
-    headers = [line for line in printed.splitlines() if line.startswith("| library |")]
+    headers = [line for line in printed.splitlines() if line.startswith("| library | model |")]
     assert len(headers) == 2 and "passkey 1024" in headers[0] and "passkey 2048" not in headers[0]
-    table = [line for line in printed.splitlines() if line.startswith("|")]
+    per_length = printed.split("####", 1)[1]
+    table = [line for line in per_length.splitlines() if line.startswith("|")]
     assert {line.count(" | ") for line in table} == {len(headers[0].split(" | ")) - 1}
+    assert printed.startswith("| library | method | protocol | 1024 @0 |")  # the side-by-side grid first
     assert markdown_table(["a", "b"], [["x|y", 1]]).splitlines()[2] == "| x\\|y | 1 |"
 
 

@@ -101,7 +101,14 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from headwise.bench.store import read_records
-    from headwise.report.bench_report import build_report, harmonize, markdown_table, summary, terminal_table
+    from headwise.report.bench_report import (
+        build_report,
+        harmonize,
+        markdown_table,
+        score_grid,
+        summary,
+        terminal_table,
+    )
 
     out = Path(args.out)
     if not args.report_only:
@@ -116,6 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
     if args.markdown:
+        print(markdown_table(*score_grid(records)))
         for length in sorted({r["length"] for r in records}):
             print(f"\n#### {length} tokens\n")
             print(markdown_table(*summary([r for r in records if r["length"] == length])))

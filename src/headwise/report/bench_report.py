@@ -92,6 +92,19 @@ def summary(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
     return headers, rows
 
 
+def score_grid(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
+    """Headers and rows of the side-by-side view: one row per library x method x protocol, one column per
+    length x ratio holding the score averaged over tasks (the full cache's row has ratio 0 only)."""
+    means = group_mean(records, ("library", "method", "protocol", "length", "ratio"), "score")
+    columns = sorted({(length, ratio) for (*_, length, ratio) in means})
+    rows: dict[tuple, dict] = defaultdict(dict)
+    for (library, method, protocol, length, ratio), value in means.items():
+        rows[library, method, protocol][length, ratio] = value
+    headers = ["library", "method", "protocol", *(f"{n} @{r:g}" for n, r in columns)]
+    body = [[*key, *(f"{cells[c]:.3f}" if c in cells else "" for c in columns)] for key, cells in rows.items()]
+    return headers, body
+
+
 DETAIL_HEADERS = ["library", "method", "ratio", "protocol", "task", "length", "samples", "score", "KV MiB",
                   "peak RSS +MiB", "prefill s", "decode tok/s"]
 
@@ -277,6 +290,8 @@ def render_html(records: Sequence[dict], plots: dict[str, bytes], title: str = "
     body = [f"<h1>{esc(title)}</h1>", f"<p class=\"meta\">{esc(PROTOCOL_NOTE)}</p>"]
     for name, png in plots.items():
         body.append(f"<h2>{esc(PLOTS[name])}</h2>{img(png, PLOTS[name])}")
+    headers, rows = score_grid(records)
+    body.append("<h2>Mean score by length @ ratio removed</h2>" + table(headers, rows, text_columns=3))
     headers, rows = summary(records)
     body.append("<h2>Summary</h2>" + table(headers, rows, text_columns=5))
     body.append("<h2>Every cell</h2>" + table(DETAIL_HEADERS, detail_rows(records), text_columns=5))
