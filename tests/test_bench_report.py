@@ -116,6 +116,22 @@ def test_score_grid_puts_methods_side_by_side(records):
     assert ("headwise", "snapkv", "aware") in by_key
 
 
+def test_a_cell_in_two_stores_counts_once(tmp_path, records, capsys):
+    out = tmp_path / "bench"
+    out.mkdir()
+    for r in records:
+        append_record(out / "results.jsonl", {**r, "key": f"{r['library']}{r['method']}{r['ratio']}{r['task']}"
+                                              f"{r['length']}{r['protocol']}"})
+    full_passkey = dict(next(r for r in store.read_records(out / "results.jsonl")
+                             if r["method"] == "full" and r["task"] == "passkey" and r["library"] == "headwise"))
+    append_record(tmp_path / "again.jsonl", {**full_passkey, "score": 0.0})
+    again = str(tmp_path / "again.jsonl")
+    assert main(["bench", "--report-only", "--markdown", "--out", str(out), "--peer", again]) == 0
+    grid = capsys.readouterr().out.splitlines()
+    full = next(line for line in grid if line.startswith("| headwise | full |"))
+    assert full.split(" | ")[3] == "1.000"  # the duplicate (score 0) was dropped, not averaged in
+
+
 def test_markdown_tables_one_per_length(tmp_path, records, capsys):
     out = tmp_path / "bench"
     out.mkdir()

@@ -99,6 +99,20 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
     runner.sweep(lm, cells, lambda t, n: samples[(t, n)], out / RESULTS, progress=not args.no_progress)
 
 
+def once_per_cell(records: Sequence[dict]) -> list[dict]:
+    """The records with each cell key kept once (the first), so a cell found in several stores (a sweep split
+    over processes, a baseline rerun) is not counted twice; records without a key are all kept."""
+    seen: set[str] = set()
+    kept = []
+    for r in records:
+        key = r.get("key")
+        if key is None or key not in seen:
+            kept.append(r)
+            if key is not None:
+                seen.add(key)
+    return kept
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from headwise.bench.store import read_records
     from headwise.report.bench_report import (
@@ -120,6 +134,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not Path(peer).exists():
             raise HeadwiseError(f"peer results file '{peer}' does not exist")
         records += [harmonize(r) for r in read_records(Path(peer))]
+    records = once_per_cell(records)
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
     if args.markdown:
