@@ -114,6 +114,9 @@ def test_score_grid_puts_methods_side_by_side(records):
     assert by_key["headwise", "snapkv", "agnostic"] == ["", "0.750", "0.625", "", "0.750", "0.625"]
     assert by_key["kvpress", "full", "agnostic"] == ["0.950", "", "", "0.950", "", ""]
     assert ("headwise", "snapkv", "aware") in by_key
+    partial = [r for r in records if not (r["method"] == "snapkv" and r["task"] == "qa" and r["ratio"] == 0.5)]
+    by_key = {tuple(r[:3]): r[3:] for r in score_grid(partial)[1]}
+    assert by_key["headwise", "snapkv", "agnostic"][1] == "0.750 (1/2 tasks)"
 
 
 def test_a_cell_in_two_stores_counts_once(tmp_path, records, capsys):

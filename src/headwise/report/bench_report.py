@@ -94,14 +94,23 @@ def summary(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
 
 def score_grid(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
     """Headers and rows of the side-by-side view: one row per library x method x protocol, one column per
-    length x ratio holding the score averaged over tasks (the full cache's row has ratio 0 only)."""
-    means = group_mean(records, ("library", "method", "protocol", "length", "ratio"), "score")
+    length x ratio holding the score averaged over tasks (the full cache's row has ratio 0 only). A mean over
+    fewer tasks than the length has anywhere in the records says so: ``0.250 (3/6 tasks)``."""
+    group = ("library", "method", "protocol", "length", "ratio")
+    means = group_mean(records, group, "score")
+    tasks: dict[tuple, set] = defaultdict(set)
+    for r in records:
+        tasks[tuple(r[k] for k in group)].add(r["task"])
+    all_tasks = {n: {r["task"] for r in records if r["length"] == n} for n in {r["length"] for r in records}}
     columns = sorted({(length, ratio) for (*_, length, ratio) in means})
     rows: dict[tuple, dict] = defaultdict(dict)
-    for (library, method, protocol, length, ratio), value in means.items():
-        rows[library, method, protocol][length, ratio] = value
+    for key, value in means.items():
+        library, method, protocol, length, ratio = key
+        done, wanted = len(tasks[key]), len(all_tasks[length])
+        rows[library, method, protocol][length, ratio] = f"{value:.3f}" + (f" ({done}/{wanted} tasks)" if done < wanted
+                                                                          else "")
     headers = ["library", "method", "protocol", *(f"{n} @{r:g}" for n, r in columns)]
-    body = [[*key, *(f"{cells[c]:.3f}" if c in cells else "" for c in columns)] for key, cells in rows.items()]
+    body = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
     return headers, body
 
 
