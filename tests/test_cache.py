@@ -187,37 +187,36 @@ def test_kept_tokens_are_the_top_scores(arch, policy_name):
 # --- attention over the compressed cache = attention to the kept keys at their original positions ---------
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
-def test_attention_over_compressed_cache_equals_kept_only_reference(arch, allocation):
-    model = tiny_model(arch)
+def next_logits_and_references(model, cache, *attns: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill a prompt into ``cache``, feed one more token; return its logits and those of each reference
+    attention in ``attns`` run densely over prompt + token with ``KEPT`` set to the cache's kept positions
+    (the reference layers see the fed token too: it is stored, never evicted here)."""
     prompt, extra = ids(N, seed=3), ids(1, seed=4)
-    cache = make_cache(model, "h2o", ratio=0.6, options={"allocation": allocation, "schedule": "pyramid"})
     prefill(model, prompt, cache)
     with torch.inference_mode():
         got = model(extra, past_key_values=cache).logits[:, -1]
     KEPT.clear()
     KEPT.update({layer.layer_idx: [h.positions for h in layer.heads] for layer in cache.compressed_layers})
-    # The reference layers see the token fed after compression too (it is stored, never evicted here).
-    reference = plain_logits(model, torch.cat([prompt, extra], 1), attn="kept_only")[:, -1]
+    return got, [plain_logits(model, torch.cat([prompt, extra], 1), attn=a)[:, -1] for a in attns]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_attention_over_compressed_cache_equals_kept_only_reference(arch, allocation):
+    model = tiny_model(arch)
+    cache = make_cache(model, "h2o", ratio=0.6, options={"allocation": allocation, "schedule": "pyramid"})
+    got, [reference] = next_logits_and_references(model, cache, "kept_only")
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_compensation_token_equals_mean_of_evicted_weighted_by_their_count(arch):
     model = tiny_model(arch)
-    prompt, extra = ids(N, seed=3), ids(1, seed=4)
     cache = make_cache(model, "snapkv", ratio=0.6, options={"compensate": "true", "window": 4})
-    prefill(model, prompt, cache)
-    with torch.inference_mode():
-        got = model(extra, past_key_values=cache).logits[:, -1]
-    KEPT.clear()
-    KEPT.update({layer.layer_idx: [h.positions for h in layer.heads] for layer in cache.compressed_layers})
-    reference = plain_logits(model, torch.cat([prompt, extra], 1), attn="compensated")[:, -1]
+    got, [reference, without] = next_logits_and_references(model, cache, "compensated", "kept_only")
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
     # Without the token the logits differ: the test can tell the two apart.
-    assert not torch.allclose(got, plain_logits(model, torch.cat([prompt, extra], 1), attn="kept_only")[:, -1],
-                              rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, without, rtol=1e-4, atol=1e-5)
 
 
 def test_compensation_merges_every_eviction_across_chunks_and_counts_its_bytes():
