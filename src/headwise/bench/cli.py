@@ -172,6 +172,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer", action="append", default=[], metavar="RESULTS.jsonl",
                    help="a peer library's results file to include in the report")
     p.add_argument("--markdown", action="store_true",
-                   help="print the summary as Markdown tables, one per length (for BENCHMARKS.md)")
+                   help="print Markdown instead of the terminal table: the mean-score grid (method x length x "
+                   "ratio), then the summary, one table per length (for BENCHMARKS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)

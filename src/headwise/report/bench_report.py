@@ -101,14 +101,13 @@ def score_grid(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
     tasks: dict[tuple, set] = defaultdict(set)
     for r in records:
         tasks[tuple(r[k] for k in group)].add(r["task"])
-    all_tasks = {n: {r["task"] for r in records if r["length"] == n} for n in {r["length"] for r in records}}
+        tasks[r["length"],].add(r["task"])
     columns = sorted({(length, ratio) for (*_, length, ratio) in means})
     rows: dict[tuple, dict] = defaultdict(dict)
-    for key, value in means.items():
-        library, method, protocol, length, ratio = key
-        done, wanted = len(tasks[key]), len(all_tasks[length])
-        rows[library, method, protocol][length, ratio] = f"{value:.3f}" + (f" ({done}/{wanted} tasks)" if done < wanted
-                                                                          else "")
+    for (library, method, protocol, length, ratio), value in means.items():
+        done, wanted = len(tasks[library, method, protocol, length, ratio]), len(tasks[length,])
+        partial = f" ({done}/{wanted} tasks)" if done < wanted else ""
+        rows[library, method, protocol][length, ratio] = f"{value:.3f}{partial}"
     headers = ["library", "method", "protocol", *(f"{n} @{r:g}" for n, r in columns)]
     body = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
     return headers, body
