@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from conftest import tiny_model
 from headwise.api import make_cache
 from headwise.errors import HeadwiseError
 from headwise.generation import prefill
-from headwise.policies.headwise import role_budgets
+from headwise.policies.headwise import coverage_budgets, role_budgets
 from headwise.profile.schema import HeadProfile
 
 
@@ -43,16 +44,70 @@ def test_role_budgets_streaming_heads_keep_only_the_floor_while_others_can_grow(
     assert counts == [100, 10, 45, 45]
 
 
-def synthetic_profile(model, tmp_path, kv_roles, retrieval) -> str:
+def concave_curve(rng: random.Random, n: int) -> list[tuple[int, float]]:
+    """Random measured points (tokens, mass) whose linear interpolation up to (n, 1) is concave."""
+    tokens = sorted(rng.sample(range(1, n), rng.randrange(0, min(4, n - 1) + 1)))
+    gains = sorted((rng.random() for _ in range(len(tokens) + 1)), reverse=True)
+    edges = [0, *tokens, n]
+    slopes = [g / (b - a) for g, a, b in zip(gains, edges, edges[1:], strict=False)]
+    slopes.sort(reverse=True)  # decreasing slopes: concave
+    mass, points = 0.0, []
+    for a, b, slope in zip(edges, edges[1:], slopes, strict=False):
+        mass += slope * (b - a)
+        points.append((b, mass))
+    scale = points[-1][1]
+    return [(t, m / scale) for t, m in points[:-1]]
+
+
+def covered(curve: list[tuple[int, float]], n: int, tokens: int) -> float:
+    """Mass covered by ``tokens`` on the linear interpolation of (0, 0), ``curve`` and (n, 1)."""
+    xs, ys = zip(*[(0, 0.0), *curve, (n, 1.0)], strict=True)
+    return float(np.interp(tokens, xs, ys))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_coverage_budgets_match_a_brute_force_optimum_on_concave_curves(seed):
+    rng = random.Random(seed)
+    heads, n = rng.randrange(1, 4), rng.randrange(2, 13)
+    curves = [concave_curve(rng, n) for _ in range(heads)]
+    total = rng.randrange(0, heads * n + 3)
+    counts = coverage_budgets(curves, n, total)
+    assert sum(counts) == min(total, heads * n) and all(0 <= c <= n for c in counts)
+    best = max(
+        sum(covered(c, n, t) for c, t in zip(curves, split, strict=True))
+        for split in itertools.product(range(n + 1), repeat=heads)
+        if sum(split) == min(total, heads * n)
+    )
+    assert sum(covered(c, n, t) for c, t in zip(curves, counts, strict=True)) == pytest.approx(best)
+
+
+def test_coverage_budgets_give_far_reaching_heads_the_long_windows():
+    local = [(10, 0.99), (50, 1.0)]  # everything within 10 tokens
+    spread = [(10, 0.2), (50, 0.5)]  # attention all over the context
+    assert coverage_budgets([local, spread, local], 100, 120) == [10, 100, 10]
+    # A dip in the measured points (noise) does not make coverage shrink: (20, 0.3) counts as (20, 0.5).
+    assert coverage_budgets([[(10, 0.5), (20, 0.3)], [(10, 0.1)]], 100, 20) == [10, 10]
+
+
+def test_role_budgets_with_curves_share_what_retrieval_leaves_by_coverage():
+    curves = [[(20, 0.5)], [(20, 1.0)], [(20, 0.2), (60, 0.9)], [(20, 0.2)]]
+    counts = role_budgets(["retrieval", "streaming", "other", "streaming"], [0.5, 0, 0, 0], 100, 260, 10, curves)
+    # Retrieval keeps all; the local head stops where it covers everything; past the floor of 10, head 2 gains
+    # 0.02 per token up to 20 tokens, then 0.0175 up to 60, then 0.0025; head 3 gains 0.02 then 0.01 per token:
+    # the 120 tokens left go 10 + 10 (0.02), 40 to head 2 (0.0175), the last 60 to head 3 (0.01).
+    assert counts == [100, 20, 60, 80]
+
+
+def synthetic_profile(model, tmp_path, kv_roles, retrieval, kv_metrics=None, settings=None) -> str:
     cfg = model.config
     layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     group = heads // kv
     profile = HeadProfile(
         model="tiny", num_layers=layers, num_heads=heads, num_kv_heads=kv,
         layer_types=list(getattr(cfg, "layer_types", None) or ["full_attention"] * layers),
-        settings={}, thresholds={},
+        settings=settings or {}, thresholds={},
         metrics={"retrieval": [[retrieval[layer][h // group] for h in range(heads)] for layer in range(layers)]},
-        kv_metrics={"retrieval": retrieval},
+        kv_metrics={"retrieval": retrieval, **(kv_metrics or {})},
         roles=[[kv_roles[layer][h // group] for h in range(heads)] for layer in range(layers)],
         kv_roles=kv_roles,
     )
@@ -100,3 +155,31 @@ def test_headwise_policy_errors(tmp_path):
     (tmp_path / "profile.json").write_text(json.dumps(data))
     with pytest.raises(HeadwiseError, match="schema version"):
         make_cache(model, "headwise", ratio=0.5, options={"profile": good})
+
+
+def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality(tmp_path):
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
+    near = {"locality_8": 0.97, "locality_32": 1.0}
+    far = {"locality_8": 0.1, "locality_32": 0.3}
+    heads = [[None, near], [far, near], [near, far]]
+    metrics = {m: [[0.0 if h is None else h[m] for h in layer] for layer in heads] for m in near}
+    path = synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
+    n, ratio = 200, 0.6
+    options = {"profile": path, "sinks": 2, "window": 4, "budgets": "coverage"}
+    cache = make_cache(model, "headwise", ratio=ratio, options=options)
+    prefill(model, torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0)), cache)
+    kept = cache.kept()
+    assert kept[0][0] == n and sum(map(sum, kept)) == round((1 - ratio) * n) * 6
+    # Near heads stop at sinks + 8 (97% covered: 24 more tokens would add 3%); the far heads, which cover only
+    # 30% with 32 tokens, share the rest evenly.
+    assert kept[0][1] == kept[1][1] == kept[2][0] == 2 + 8
+    assert kept[1][0] == kept[2][1] == (sum(map(sum, kept)) - n - 3 * 10) // 2
+    far_head = cache.compressed_layers[1].heads[0]  # a 'mixed' head, kept as sinks + recent window
+    assert far_head.positions[0].tolist() == [0, 1, *range(n - kept[1][0] + 2, n)]
+    with pytest.raises(HeadwiseError, match="budgets must be"):
+        make_cache(model, "headwise", ratio=ratio, options={**options, "budgets": "even"})
+    bare = synthetic_profile(model, tmp_path, roles, retrieval)
+    with pytest.raises(HeadwiseError, match="locality metrics"):
+        make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare})

@@ -15,12 +15,19 @@ token budget exactly (see :func:`role_budgets`):
 4. anything still left goes back to the streaming heads.
 
 Streaming heads (profile roles ``local`` and ``sink``) keep the sinks plus the most recent tokens
-(StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default). RazorAttention's
+(StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default).
+
+With ``budgets="coverage"`` the non-retrieval heads are not split by role: every one of them keeps the sinks
+plus a recent window, and step 3 sizes each window from the profile's locality curve (attention mass inside the
+sinks plus the last ``w`` keys, measured at several ``w``) so that, over all heads, the windows cover as much
+attention mass as the budget allows (see :func:`coverage_budgets`). A head whose attention reaches far back
+gets a long window; a head that looks only at its last few tokens gets a short one. RazorAttention's
 compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies to any policy).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -31,7 +38,14 @@ from headwise.policies.streaming_llm import StreamingLLM
 STREAMING_ROLES = ("local", "sink")
 
 
-def role_budgets(kinds: list[str], strength: list[float], n: int, total: int, floor: int) -> list[int]:
+def role_budgets(
+    kinds: list[str],
+    strength: list[float],
+    n: int,
+    total: int,
+    floor: int,
+    curves: list[list[tuple[int, float]]] | None = None,
+) -> list[int]:
     """Tokens per head for heads of ``kinds`` ('retrieval', 'streaming' or 'other') out of ``n`` each.
 
     Parameters
@@ -46,6 +60,10 @@ def role_budgets(kinds: list[str], strength: list[float], n: int, total: int, fl
         Tokens to keep over all heads (clipped to ``len(kinds) * n``).
     floor : int
         Tokens every head gets before any head grows (clipped to ``n``).
+    curves : list of list of (int, float), optional
+        Coverage curve of each head (see :func:`coverage_budgets`). If given, what the retrieval heads leave
+        goes to the other heads, whatever their kind, by coverage; otherwise 'other' heads share it evenly
+        before 'streaming' heads get any.
 
     Returns
     -------
@@ -65,14 +83,73 @@ def role_budgets(kinds: list[str], strength: list[float], n: int, total: int, fl
         grow = min(n - counts[i], left)
         counts[i] += grow
         left -= grow
+    if curves is not None:
+        rest = [i for i, k in enumerate(kinds) if k != "retrieval"]
+        shifted = [[(t - floor, m) for t, m in curves[i]] for i in rest]
+        for i, grow in zip(rest, coverage_budgets(shifted, n - floor, left), strict=True):
+            counts[i] += grow
+        return counts
     for kind in ("other", "streaming"):
-        group = [i for i, k in enumerate(kinds) if k == kind]
-        while left > 0 and (open_heads := [i for i in group if counts[i] < n]):
-            share, extra = divmod(left, len(open_heads))
-            for rank, i in enumerate(open_heads):
-                grow = min(n - counts[i], share + (rank < extra))
-                counts[i] += grow
-                left -= grow
+        left = share_evenly(counts, {i: n for i, k in enumerate(kinds) if k == kind}, left)
+    return counts
+
+
+def share_evenly(counts: list[int], caps: dict[int, int], left: int) -> int:
+    """Grow ``counts[i]`` for each ``i`` in ``caps`` up to ``caps[i]``, evenly, by ``left`` tokens at most.
+
+    Returns the tokens still left. ``counts`` is updated in place.
+    """
+    while left > 0 and (open_heads := [i for i in caps if counts[i] < caps[i]]):
+        share, extra = divmod(left, len(open_heads))
+        for rank, i in enumerate(open_heads):
+            grow = min(caps[i] - counts[i], share + (rank < extra))
+            counts[i] += grow
+            left -= grow
+    return left
+
+
+def coverage_budgets(curves: list[list[tuple[int, float]]], n: int, total: int) -> list[int]:
+    """Tokens per head that cover the most attention mass in total, from each head's coverage curve.
+
+    Each curve lists ``(tokens, mass)`` points: keeping ``tokens`` tokens covers ``mass`` of the head's
+    attention; keeping all ``n`` covers everything. Between points the mass is interpolated linearly, over its
+    upper concave envelope, so filling the steepest segments first (water-filling) is the optimum; segments of
+    equal slope (heads with the same curve) grow evenly.
+
+    Parameters
+    ----------
+    curves : list of list of (int, float)
+        Measured points per head, in any order; points at or beyond ``n`` tokens are ignored, points at or
+        below 0 tokens give the mass covered with no tokens (0 if there is none).
+    n : int
+        Tokens each head holds now.
+    total : int
+        Tokens to keep over all heads (clipped to ``[0, len(curves) * n]``).
+
+    Returns
+    -------
+    list of int
+        Per-head counts, each in ``[0, n]``, summing to ``min(max(total, 0), len(curves) * n)``.
+    """
+    total = max(0, min(total, len(curves) * n))
+    segments = []  # (slope, head, tokens) in the order each head's envelope climbs
+    for head, curve in enumerate(curves):
+        base = max((m for t, m in curve if t <= 0), default=0.0)
+        points = sorted({(0, base), *((t, m) for t, m in curve if 0 < t < n), (n, 1.0)})
+        hull: list[tuple[int, float]] = []
+        for t, m in points:
+            m = max(m, hull[-1][1] if hull else m)  # coverage never shrinks as the window grows
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (t - hull[-2][0]) <= (m - hull[-2][1]) * (
+                hull[-1][0] - hull[-2][0]
+            ):
+                hull.pop()
+            hull.append((t, m))
+        segments += [((m1 - m0) / (t1 - t0), head, t1 - t0) for (t0, m0), (t1, m1) in itertools.pairwise(hull)]
+    counts = [0] * len(curves)
+    left = total
+    segments.sort(key=lambda seg: -seg[0])
+    for _, tied in itertools.groupby(segments, key=lambda seg: seg[0]):  # equal slopes grow evenly
+        left = share_evenly(counts, {head: counts[head] + tokens for _, head, tokens in tied}, left)
     return counts
 
 
@@ -92,6 +169,10 @@ class HeadAware(Policy):
         Policy that ranks tokens in retrieval heads that cannot keep everything and in the other heads.
     retrieval_threshold : float
         KV heads whose retrieval score reaches this are retrieval heads, whatever their profile role.
+    budgets : str
+        ``"roles"``: streaming heads keep sinks + window and the other heads share what the retrieval heads
+        leave; ``"coverage"``: every non-retrieval head keeps sinks plus a recent window sized from the
+        profile's locality curves (see the module docstring).
     """
 
     name: ClassVar[str] = "headwise"
@@ -100,6 +181,7 @@ class HeadAware(Policy):
     window: int = 64
     other: str = "snapkv"
     retrieval_threshold: float = 0.1
+    budgets: str = "roles"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +192,8 @@ class HeadAware(Policy):
             raise HeadwiseError("policy 'headwise' needs a profile: --profile FILE (from `headwise profile`)")
         if self.other in ("headwise", "full"):
             raise HeadwiseError(f"headwise: other must be a compressing policy, not '{self.other}'")
+        if self.budgets not in ("roles", "coverage"):
+            raise HeadwiseError(f"headwise: budgets must be 'roles' or 'coverage', not '{self.budgets}'")
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
@@ -123,11 +207,22 @@ class HeadAware(Policy):
                 score = retrieval[layer][head] if retrieval else float("nan")
                 score = 0.0 if score != score else score  # NaN: not measured
                 is_retrieval = role == "retrieval" or score >= self.retrieval_threshold
-                self._kinds[layer, head] = (
-                    "retrieval" if is_retrieval else "streaming" if role in STREAMING_ROLES else "other"
-                )
+                streaming = role in STREAMING_ROLES or self.budgets == "coverage"
+                self._kinds[layer, head] = "retrieval" if is_retrieval else "streaming" if streaming else "other"
                 self._strength[layer, head] = score
+        self._curves = self._coverage_curves() if self.budgets == "coverage" else None
         self._memo: tuple[tuple[int, int], dict[tuple[int, int], int]] | None = None
+
+    def _coverage_curves(self) -> dict[tuple[int, int], list[tuple[int, float]]]:
+        """Per KV head: (tokens kept, attention mass covered) by the sinks plus each measured recent window."""
+        windows = self._profile.settings.get("windows", [])
+        n_sink = self._profile.settings.get("n_sink", 0)
+        if not windows or any(f"locality_{w}" not in self._profile.kv_metrics for w in windows):
+            raise HeadwiseError("headwise: budgets=coverage needs a profile with locality metrics")
+        return {
+            (layer, head): [(n_sink + w, self._profile.kv_metrics[f"locality_{w}"][layer][head]) for w in windows]
+            for layer, head in self._kinds
+        }
 
     def bind(self, config) -> None:
         text = config.get_text_config()
@@ -144,8 +239,9 @@ class HeadAware(Policy):
     def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int]:
         if self._memo is None or self._memo[0] != (seen, budget):
             keys = list(self._kinds)
+            curves = [self._curves[k] for k in keys] if self._curves else None
             counts = role_budgets([self._kinds[k] for k in keys], [self._strength[k] for k in keys], seen,
-                                  budget * len(keys), self.sinks + self.window)
+                                  budget * len(keys), self.sinks + self.window, curves)
             self._memo = ((seen, budget), dict(zip(keys, counts, strict=True)))
         table = self._memo[1]
         heads = sum(1 for layer, _ in table if layer == layer_idx)
