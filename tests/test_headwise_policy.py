@@ -159,7 +159,7 @@ def test_headwise_policy_errors(tmp_path):
 
 def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality(tmp_path):
     model = tiny_model("llama")  # 3 layers x 2 KV heads
-    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    roles = [["retrieval", "local"], ["sink", "local"], ["mixed", "mixed"]]
     retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
     near = {"locality_8": 0.97, "locality_32": 1.0}
     far = {"locality_8": 0.1, "locality_32": 0.3}
@@ -176,8 +176,10 @@ def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality
     # 30% with 32 tokens, share the rest evenly.
     assert kept[0][1] == kept[1][1] == kept[2][0] == 2 + 8
     assert kept[1][0] == kept[2][1] == (sum(map(sum, kept)) - n - 3 * 10) // 2
-    far_head = cache.compressed_layers[1].heads[0]  # a 'mixed' head, kept as sinks + recent window
+    far_head = cache.compressed_layers[1].heads[0]  # a 'sink' head: sinks + its (long) recent window
     assert far_head.positions[0].tolist() == [0, 1, *range(n - kept[1][0] + 2, n)]
+    mixed = cache.compressed_layers[2].heads[1]  # a 'mixed' head ranks by SnapKV: not only a recent window
+    assert mixed.positions[0].tolist() != [0, 1, *range(n - kept[2][1] + 2, n)]
     with pytest.raises(HeadwiseError, match="budgets must be"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "budgets": "even"})
     bare = synthetic_profile(model, tmp_path, roles, retrieval)

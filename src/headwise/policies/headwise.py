@@ -17,11 +17,13 @@ token budget exactly (see :func:`role_budgets`):
 Streaming heads (profile roles ``local`` and ``sink``) keep the sinks plus the most recent tokens
 (StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default).
 
-With ``budgets="coverage"`` the non-retrieval heads are not split by role: every one of them keeps the sinks
-plus a recent window, and step 3 sizes each window from the profile's locality curve (attention mass inside the
-sinks plus the last ``w`` keys, measured at several ``w``) so that, over all heads, the windows cover as much
+With ``budgets="coverage"``, steps 3 and 4 become one: what the retrieval heads leave goes to all the other
+heads, whatever their role, by the profile's locality curve of each (attention mass inside the sinks plus the
+last ``w`` keys, measured at several ``w``), so that over all heads the kept windows would cover as much
 attention mass as the budget allows (see :func:`coverage_budgets`). A head whose attention reaches far back
-gets a long window; a head that looks only at its last few tokens gets a short one. RazorAttention's
+gets a large budget; a head that looks only at its last few tokens gets a small one. Each head still ranks
+its tokens by its role (streaming heads by recency, the others by ``other``); ``other=streaming_llm`` makes
+every head keep sinks plus a recent window. RazorAttention's
 compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies to any policy).
 """
 
@@ -171,8 +173,8 @@ class HeadAware(Policy):
         KV heads whose retrieval score reaches this are retrieval heads, whatever their profile role.
     budgets : str
         ``"roles"``: streaming heads keep sinks + window and the other heads share what the retrieval heads
-        leave; ``"coverage"``: every non-retrieval head keeps sinks plus a recent window sized from the
-        profile's locality curves (see the module docstring).
+        leave; ``"coverage"``: all non-retrieval heads share it by the profile's locality curves (see the
+        module docstring).
     """
 
     name: ClassVar[str] = "headwise"
@@ -207,8 +209,9 @@ class HeadAware(Policy):
                 score = retrieval[layer][head] if retrieval else float("nan")
                 score = 0.0 if score != score else score  # NaN: not measured
                 is_retrieval = role == "retrieval" or score >= self.retrieval_threshold
-                streaming = role in STREAMING_ROLES or self.budgets == "coverage"
-                self._kinds[layer, head] = "retrieval" if is_retrieval else "streaming" if streaming else "other"
+                self._kinds[layer, head] = (
+                    "retrieval" if is_retrieval else "streaming" if role in STREAMING_ROLES else "other"
+                )
                 self._strength[layer, head] = score
         self._curves = self._coverage_curves() if self.budgets == "coverage" else None
         self._memo: tuple[tuple[int, int], dict[tuple[int, int], int]] | None = None
