@@ -1,0 +1,111 @@
+"""How closely a compressed cache follows the full cache: a continuous score for choosing policy options.
+
+Usage::
+
+    .venv/bin/headwise bench --tasks-only --out runs/dev-2k --seed 1 --lengths 2048 --samples 4 \\
+        --tasks passkey,multivalue,kv
+    .venv/bin/python scripts/fidelity.py --tasks runs/dev-2k/tasks --ratios 0.75,0.9 \\
+        --methods streaming_llm "headwise:profile=runs/profile-smollm2/profile.json,budgets=coverage" \\
+        --out runs/dev-2k/fidelity.jsonl
+
+On a small model the benchmark's exact-match scores are mostly 0 or 1 on a handful of samples, too coarse to
+tell two option settings apart. Here each sample is answered once with the full cache (greedy, the
+question-agnostic protocol of ``headwise bench``); then, for each method and ratio, the context is compressed
+the same way and the full cache's answer is teacher-forced after the question. Reported per method and ratio:
+the mean negative log-likelihood per answer token (``nll``, lower is closer to the full cache; 0 would be a
+perfect copy) and the fraction of answer tokens that are still the compressed model's top choice (``top1``).
+Each (method, ratio, sample) is appended to ``--out`` as it finishes, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from headwise.api import make_cache, parse_options
+from headwise.bench.runner import prompt_parts
+from headwise.bench.store import append_record
+from headwise.bench.tasks import read_samples
+from headwise.generation import Sampling, decode, prefill, stop_token_ids
+from headwise.models import load_model
+
+
+def compressed_context(lm, method: str, options: dict, ratio: float, head: list[int]):
+    """A cache holding the context ``head`` compressed by ``method`` at ``ratio``, sealed; and its last logits."""
+    cache = make_cache(lm.model, method, ratio=ratio, prompt_length=len(head), options=options)
+    logits = prefill(lm.model, torch.tensor([head]), cache)
+    if hasattr(cache, "seal"):
+        cache.seal()
+    return cache, logits
+
+
+@torch.inference_mode()
+def follow(lm, cache, tail: list[int], answer: list[int]) -> tuple[float, float]:
+    """Mean NLL per token of ``answer`` after ``tail`` in ``cache``, and the fraction that is the top choice."""
+    ids = torch.tensor([tail + answer[:-1]])
+    logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=len(answer)).logits[0]
+    logp = logits.float().log_softmax(dim=-1)
+    target = torch.tensor(answer)
+    nll = -logp[torch.arange(len(answer)), target].mean().item()
+    return nll, (logp.argmax(dim=-1) == target).float().mean().item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", type=Path, required=True, help="folder of task JSONL files (headwise bench --tasks-only)")
+    p.add_argument("--methods", nargs="+", required=True, help="NAME or NAME:key=value,key=value")
+    p.add_argument("--ratios", default="0.75,0.9", help="comma-separated fractions removed")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="JSONL, appended; finished rows are skipped")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    samples = [s for f in sorted(args.tasks.glob("*.jsonl")) for s in read_samples(f)]
+    done = {}
+    if args.out.exists():
+        for line in args.out.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by an interruption: that row runs again
+                continue
+            done[row["row"]] = row
+    for sample in samples:
+        head, tail = prompt_parts(lm, sample)
+        ref_key = f"full|{sample.id}"
+        if ref_key not in done:
+            cache, logits = compressed_context(lm, "full", {}, 0.0, head)
+            logits = prefill(lm.model, torch.tensor([tail]), cache)
+            tokens = decode(lm.model, logits, cache, max_new_tokens=sample.max_new_tokens, sampling=Sampling(),
+                            stop_ids=stop_token_ids(lm))
+            done[ref_key] = {"row": ref_key, "answer": tokens, "text": lm.tokenizer.decode(tokens)}
+            append_record(args.out, done[ref_key])
+        answer = done[ref_key]["answer"]
+        for spec in args.methods:
+            name, _, opts = spec.partition(":")
+            options = parse_options([o for o in opts.split(",") if o])
+            for ratio in (float(r) for r in args.ratios.split(",")):
+                row = f"{spec}|{ratio}|{sample.id}"
+                if row in done:
+                    continue
+                cache, _ = compressed_context(lm, name, options, ratio, head)
+                nll, top1 = follow(lm, cache, tail, answer)
+                done[row] = {"row": row, "spec": spec, "ratio": ratio, "task": sample.task, "nll": nll, "top1": top1}
+                append_record(args.out, done[row])
+                print(f"{sample.id:24} {ratio:4} nll={nll:6.3f} top1={top1:5.2f}  {spec}", flush=True)
+    print("\nmean over samples (lower nll and higher top1 are closer to the full cache):")
+    rows = [r for r in done.values() if "spec" in r]
+    for spec in args.methods:
+        for ratio in sorted({r["ratio"] for r in rows}):
+            mine = [r for r in rows if r["spec"] == spec and r["ratio"] == ratio]
+            if mine:
+                nll = sum(r["nll"] for r in mine) / len(mine)
+                top1 = sum(r["top1"] for r in mine) / len(mine)
+                print(f"  {ratio:4}  nll={nll:6.3f}  top1={top1:5.3f}  n={len(mine):3}  {spec}")
+
+
+if __name__ == "__main__":
+    main()
