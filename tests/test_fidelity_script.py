@@ -1,0 +1,37 @@
+"""scripts/fidelity.py: its teacher-forced answer likelihood against a plain forward pass."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from conftest import tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fidelity.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("fidelity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_follow_with_the_full_cache_matches_one_dense_forward_pass():
+    fidelity = load_script()
+    model = tiny_model("llama")
+    lm = SimpleNamespace(model=model)
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    head, tail, answer = ids[:30], ids[30:34], ids[34:]
+    cache, _ = fidelity.compressed_context(lm, "full", {}, 0.0, head)
+    nll, top1 = fidelity.follow(lm, cache, tail, answer)
+    with torch.inference_mode():
+        logp = model(input_ids=torch.tensor([ids])).logits[0, 33:-1].float().log_softmax(-1)
+    target = torch.tensor(answer)
+    assert abs(nll - (-logp[range(6), target].mean().item())) < 1e-4
+    assert top1 == (logp.argmax(-1) == target).float().mean().item()
+    compressed, _ = fidelity.compressed_context(lm, "streaming_llm", {}, 0.8, head)
+    assert fidelity.follow(lm, compressed, tail, answer)[0] != nll  # evicting 80% of the context changes it
