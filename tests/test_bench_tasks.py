@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,17 @@ def test_generation_is_deterministic_and_varied(task):
     assert [s.id for s in first] == [f"{task}-1024-s0-{i}" for i in range(3)]
 
 
+def needle_span(sample: tasks.Sample) -> tuple[float, float]:
+    """Where the (first) needle starts and ends, as fractions of the context's words.
+
+    Needles are one or two sentences, except qa's: a whole section, a fifth of a 1K context or more.
+    """
+    if sample.task != "qa":
+        return sample.needle_depth, sample.needle_depth
+    section = sample.context[sample.context.index(f"## {sample.answers[0]}") :].split("\n\n## ")[0]
+    return sample.needle_depth, sample.needle_depth + count_words(section) / count_words(sample.context)
+
+
 @pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("length", [1024, 2048])
 def test_answer_in_context_at_depth_and_length(task, length):
@@ -40,7 +52,8 @@ def test_answer_in_context_at_depth_and_length(task, length):
         budget = length - tasks.HEADROOM
         assert tasks.MIN_FILL * budget <= sample.token_length <= budget
         assert sample.token_length == count_words(sample.prompt)
-        assert abs(sample.needle_depth - sample.depth) <= 0.12
+        start, end = needle_span(sample)
+        assert start - 0.12 <= sample.depth <= end + 0.12
         assert sample.context.startswith(tasks.PREAMBLES[task] + tasks.SEPARATOR)
         for answer in sample.answers:
             assert answer in sample.context
@@ -61,6 +74,14 @@ def test_qa_sentence_is_unique_and_title_is_in_context():
         title = sample.answers[0]
         section = sample.context[sample.context.index(f"## {title}") :]
         assert sentence in section.split("\n\n## ")[0]
+        assert not scoring.contains(sentence, [title])  # quoting the title would give the answer away
+
+
+def test_no_qa_sentence_contains_its_answer():
+    sections = haystack.sections()
+    candidates = tasks._qa_candidates()
+    assert len(candidates) > 300
+    assert not any(scoring.contains(sentence, [sections[i].title]) for i, sentence in candidates)
 
 
 def test_vartrack_chain_is_in_order():
@@ -99,3 +120,15 @@ def test_bad_input_is_a_clear_error(args, match):
 def test_too_short_for_needles_is_a_clear_error():
     with pytest.raises(HeadwiseError, match="cannot fill"):
         tasks.generate("qa", 300, 1, 0, count_words, tokenizer_name="words")
+
+
+def test_a_store_refuses_task_files_that_changed_under_the_same_ids(tmp_path):
+    samples = make("passkey", n=2)
+    path = tmp_path / "passkey-1024-s0.jsonl"
+    tasks.check_unchanged(path, samples)  # no file yet
+    tasks.write_samples(path, samples)
+    tasks.check_unchanged(path, samples)
+    tasks.check_unchanged(path, make("passkey", n=3))  # more samples: the first two are the same
+    edited = [dataclasses.replace(samples[0], question=samples[0].question + " Be brief."), samples[1]]
+    with pytest.raises(HeadwiseError, match="new --out"):
+        tasks.check_unchanged(path, edited)  # e.g. a new version of the generator

@@ -92,6 +92,8 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         for n in lengths
     }
     for (t, n), group in samples.items():
+        tasks.check_unchanged(tasks.task_file(out / "tasks", t, n, args.seed), group)
+    for (t, n), group in samples.items():
         tasks.write_samples(tasks.task_file(out / "tasks", t, n, args.seed), group)
     if args.tasks_only:
         print(f"wrote {len(samples)} task files to {out / 'tasks'}")

@@ -61,7 +61,7 @@ from functools import cache
 from itertools import pairwise
 from pathlib import Path
 
-from headwise.bench import haystack
+from headwise.bench import haystack, scoring
 from headwise.errors import HeadwiseError
 from headwise.report.html import write_atomic
 
@@ -252,14 +252,15 @@ def _sentences(paragraph: str) -> list[str]:
 
 @cache
 def _qa_candidates() -> tuple[tuple[int, str], ...]:
-    """(section index, sentence) pairs whose sentence occurs exactly once in all rendered sections."""
+    """(section index, sentence) pairs whose sentence occurs exactly once in all rendered sections and does not
+    contain the section's title (quoting it in the question would give the answer away to ``contains``)."""
     corpus = "\n".join(render_section(s, QA_PARAGRAPHS) for s in haystack.sections())
     return tuple(
         (i, sentence)
         for i, section in enumerate(haystack.sections())
         for p in section.paragraphs[:QA_PARAGRAPHS]
         for sentence in _sentences(p)
-        if corpus.count(sentence) == 1
+        if corpus.count(sentence) == 1 and not scoring.contains(sentence, [section.title])
     )
 
 
@@ -434,3 +435,21 @@ def read_samples(path: Path) -> list[Sample]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise HeadwiseError(f"{path}:{number}: not a task sample ({exc})") from exc
     return samples
+
+
+def check_unchanged(path: Path, samples: Sequence[Sample]) -> None:
+    """Raise if ``path`` already holds a sample with one of these ids but other content.
+
+    Result keys name a cell by task, length, seed and sample count, not by the text of its samples, so a
+    results store must not outlive a change of its task files (a new generator, another tokenizer): its old
+    results would pass for results on the new samples.
+    """
+    if not path.exists():
+        return
+    old = {s.id: s for s in read_samples(path)}
+    changed = [s.id for s in samples if s.id in old and old[s.id] != s]
+    if changed:
+        raise HeadwiseError(
+            f"{path} holds other samples under the same ids ({', '.join(changed[:3])}...): the results next to "
+            "it were computed on those. Use a new --out folder for these tasks."
+        )
