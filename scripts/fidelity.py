@@ -65,6 +65,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     samples = [s for f in sorted(args.tasks.glob("*.jsonl")) for s in read_samples(f)]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    methods = []  # (spec as given, policy name, options)
+    for spec in args.methods:
+        name, _, opts = spec.partition(":")
+        methods.append((spec, name, parse_options([o for o in opts.split(",") if o])))
     done = {}
     if args.out.exists():
         for line in args.out.read_text().splitlines():
@@ -84,10 +89,8 @@ def main() -> None:
             done[ref_key] = {"row": ref_key, "answer": tokens, "text": lm.tokenizer.decode(tokens)}
             append_record(args.out, done[ref_key])
         answer = done[ref_key]["answer"]
-        for spec in args.methods:
-            name, _, opts = spec.partition(":")
-            options = parse_options([o for o in opts.split(",") if o])
-            for ratio in (float(r) for r in args.ratios.split(",")):
+        for spec, name, options in methods:
+            for ratio in ratios:
                 row = f"{spec}|{ratio}|{sample.id}"
                 if row in done:
                     continue

@@ -91,7 +91,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         for t in task_names
         for n in lengths
     }
-    for (t, n), group in samples.items():
+    for (t, n), group in samples.items():  # check every file before overwriting any
         tasks.check_unchanged(tasks.task_file(out / "tasks", t, n, args.seed), group)
     for (t, n), group in samples.items():
         tasks.write_samples(tasks.task_file(out / "tasks", t, n, args.seed), group)

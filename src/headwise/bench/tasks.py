@@ -450,6 +450,7 @@ def check_unchanged(path: Path, samples: Sequence[Sample]) -> None:
     changed = [s.id for s in samples if s.id in old and old[s.id] != s]
     if changed:
         raise HeadwiseError(
-            f"{path} holds other samples under the same ids ({', '.join(changed[:3])}...): the results next to "
+            f"{path} holds other samples under the same ids ({', '.join(changed[:3])}"
+            f"{', ...' if len(changed) > 3 else ''}): the results next to "
             "it were computed on those. Use a new --out folder for these tasks."
         )

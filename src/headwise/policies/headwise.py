@@ -23,8 +23,10 @@ last ``w`` keys, measured at several ``w``), so that over all heads the kept win
 attention mass as the budget allows (see :func:`coverage_budgets`). A head whose attention reaches far back
 gets a large budget; a head that looks only at its last few tokens gets a small one. Each head still ranks
 its tokens by its role (streaming heads by recency, the others by ``other``); ``other=streaming_llm`` makes
-every head keep sinks plus a recent window. RazorAttention's
-compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies to any policy).
+every head keep sinks plus a recent window.
+
+RazorAttention's compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies
+to any policy).
 """
 
 from __future__ import annotations

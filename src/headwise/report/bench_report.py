@@ -98,14 +98,15 @@ def score_grid(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
     fewer tasks than the length has anywhere in the records says so: ``0.250 (3/6 tasks)``."""
     group = ("library", "method", "protocol", "length", "ratio")
     means = group_mean(records, group, "score")
-    tasks: dict[tuple, set] = defaultdict(set)
+    tasks: dict[tuple, set] = defaultdict(set)  # per cell of the grid
+    length_tasks: dict[int, set] = defaultdict(set)  # per length, over all methods
     for r in records:
         tasks[tuple(r[k] for k in group)].add(r["task"])
-        tasks[r["length"],].add(r["task"])
+        length_tasks[r["length"]].add(r["task"])
     columns = sorted({(length, ratio) for (*_, length, ratio) in means})
     rows: dict[tuple, dict] = defaultdict(dict)
     for (library, method, protocol, length, ratio), value in means.items():
-        done, wanted = len(tasks[library, method, protocol, length, ratio]), len(tasks[length,])
+        done, wanted = len(tasks[library, method, protocol, length, ratio]), len(length_tasks[length])
         partial = f" ({done}/{wanted} tasks)" if done < wanted else ""
         rows[library, method, protocol][length, ratio] = f"{value:.3f}{partial}"
     headers = ["library", "method", "protocol", *(f"{n} @{r:g}" for n, r in columns)]
