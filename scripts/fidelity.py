@@ -20,12 +20,12 @@ Each (method, ratio, sample) is appended to ``--out`` as it finishes, so an inte
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from headwise.api import make_cache, parse_options
+from headwise.bench.fidelity import format_summary, read_rows
 from headwise.bench.runner import prompt_parts
 from headwise.bench.store import append_record
 from headwise.bench.tasks import read_samples
@@ -55,13 +55,21 @@ def follow(lm, cache, tail: list[int], answer: list[int]) -> tuple[float, float]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", type=Path, required=True, help="folder of task JSONL files (headwise bench --tasks-only)")
-    p.add_argument("--methods", nargs="+", required=True, help="NAME or NAME:key=value,key=value")
+    p.add_argument("--tasks", type=Path, help="folder of task JSONL files (headwise bench --tasks-only)")
+    p.add_argument("--methods", nargs="+", help="NAME or NAME:key=value,key=value")
     p.add_argument("--ratios", default="0.75,0.9", help="comma-separated fractions removed")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, required=True, help="JSONL, appended; finished rows are skipped")
+    p.add_argument("--out", type=Path, help="JSONL, appended; finished rows are skipped")
+    p.add_argument("--report", type=Path, nargs="+", metavar="FILE",
+                   help="only print the means of these fidelity files together (e.g. this script's and the kvpress "
+                        "twin's, scripts/peers/kvpress_fidelity.py) and exit")
     args = p.parse_args()
+    if args.report:
+        print(format_summary([r for path in args.report for r in read_rows(path).values()]))
+        return
+    if not (args.tasks and args.methods and args.out):
+        p.error("--tasks, --methods and --out are required (or --report FILE...)")
     torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     samples = [s for f in sorted(args.tasks.glob("*.jsonl")) for s in read_samples(f)]
@@ -70,14 +78,7 @@ def main() -> None:
     for spec in args.methods:
         name, _, opts = spec.partition(":")
         methods.append((spec, name, parse_options([o for o in opts.split(",") if o])))
-    done = {}
-    if args.out.exists():
-        for line in args.out.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by an interruption: that row runs again
-                continue
-            done[row["row"]] = row
+    done = read_rows(args.out)
     for sample in samples:
         head, tail = prompt_parts(lm, sample)
         ref_key = f"full|{sample.id}"
@@ -90,7 +91,7 @@ def main() -> None:
             append_record(args.out, done[ref_key])
         answer = done[ref_key]["answer"]
         for spec, name, options in methods:
-            for ratio in ratios:
+            for ratio in [0.0] if name == "full" else ratios:  # the full cache has no ratio
                 row = f"{spec}|{ratio}|{sample.id}"
                 if row in done:
                     continue
@@ -100,14 +101,7 @@ def main() -> None:
                 append_record(args.out, done[row])
                 print(f"{sample.id:24} {ratio:4} nll={nll:6.3f} top1={top1:5.2f}  {spec}", flush=True)
     print("\nmean over samples (lower nll and higher top1 are closer to the full cache):")
-    rows = [r for r in done.values() if "spec" in r]
-    for spec in args.methods:
-        for ratio in sorted({r["ratio"] for r in rows}):
-            mine = [r for r in rows if r["spec"] == spec and r["ratio"] == ratio]
-            if mine:
-                nll = sum(r["nll"] for r in mine) / len(mine)
-                top1 = sum(r["top1"] for r in mine) / len(mine)
-                print(f"  {ratio:4}  nll={nll:6.3f}  top1={top1:5.3f}  n={len(mine):3}  {spec}")
+    print(format_summary([r for r in done.values() if r.get("spec") in args.methods]))
 
 
 if __name__ == "__main__":

@@ -76,3 +76,9 @@ def test_generate_with_a_policy_prints_tokens_and_stats(capsys, smollm2):
 def test_too_long_prompt_is_refused_by_the_cli(capsys, smollm2):
     code, _, err = run(capsys, "generate", "--no-chat", "word " * 9000)
     assert code == 2 and "--truncate" in err
+
+
+def test_profile_windows_must_be_integers_and_include_the_role_window(capsys):
+    for windows, message in (("16,abc", "comma-separated integers"), ("16,64", "role window 256")):
+        assert main(["profile", "--windows", windows, "--out", "unused"]) == 2
+        assert message in capsys.readouterr().err

@@ -35,3 +35,25 @@ def test_follow_with_the_full_cache_matches_one_dense_forward_pass():
     assert top1 == (logp.argmax(-1) == target).float().mean().item()
     compressed, _ = fidelity.compressed_context(lm, "streaming_llm", {}, 0.8, head)
     assert fidelity.follow(lm, compressed, tail, answer)[0] != nll  # evicting 80% of the context changes it
+
+
+def test_fidelity_rows_resume_past_a_torn_line_and_average_per_spec_and_ratio(tmp_path):
+    from headwise.bench.fidelity import read_rows, summary
+    from headwise.bench.store import append_record
+
+    path = tmp_path / "fidelity.jsonl"
+    rows = [
+        {"row": "full|a", "answer": [1, 2]},
+        {"row": "snapkv|0.75|a", "spec": "snapkv", "ratio": 0.75, "task": "kv", "nll": 1.0, "top1": 0.5},
+        {"row": "snapkv|0.75|b", "spec": "snapkv", "ratio": 0.75, "task": "kv", "nll": 3.0, "top1": 1.0},
+        {"row": "full|0.0|a", "spec": "full", "ratio": 0.0, "task": "kv", "nll": 0.25, "top1": 1.0},
+    ]
+    for row in rows:
+        append_record(path, row)
+    with open(path, "a") as fh:
+        fh.write('{"row": "snapkv|0.9|a", "nl')  # interrupted mid-write
+    found = read_rows(path)
+    assert set(found) == {r["row"] for r in rows}
+    assert summary(list(found.values())) == [("snapkv", 0.75, 2.0, 0.75, 2), ("full", 0.0, 0.25, 1.0, 1)]
+    append_record(path, {**rows[1], "nll": 5.0})  # a rerun row replaces the old one
+    assert summary(list(read_rows(path).values()))[0] == ("snapkv", 0.75, 4.0, 0.75, 2)

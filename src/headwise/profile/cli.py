@@ -11,12 +11,19 @@ from headwise.models import DEFAULT_MODEL
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
+    from headwise.capture.stats import CaptureSettings
+    from headwise.errors import HeadwiseError
     from headwise.models import load_model
     from headwise.profile.metrics import ROLES
     from headwise.profile.profiler import ProfileSettings, profile_model
     from headwise.profile.report import write_outputs
 
-    settings = ProfileSettings(length=args.length, repeat_length=min(args.length, 1024), runs=args.runs, seed=args.seed)
+    try:
+        windows = tuple(sorted({int(w) for w in args.windows.split(",") if w.strip()}))
+    except ValueError:
+        raise HeadwiseError(f"--windows takes comma-separated integers, got '{args.windows}'") from None
+    settings = ProfileSettings(length=args.length, repeat_length=min(args.length, 1024), runs=args.runs, seed=args.seed,
+                               capture=CaptureSettings(windows=windows))
     start = time.perf_counter()
     lm = load_model(args.model)
     result = profile_model(lm, settings, progress=not args.quiet)
@@ -36,6 +43,9 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, default=2048, help="tokens per calibration input (default 2048)")
     p.add_argument("--runs", type=int, default=4, help="needle-in-a-haystack runs for retrieval scores (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration inputs (default 0)")
+    p.add_argument("--windows", default="16,64,256,1024",
+                   help="recent-window sizes (keys) of the locality metrics, comma-separated; must include 256, "
+                        "the window that decides the 'local' role (default 16,64,256,1024)")
     p.add_argument("--out", "-o", default="profile", help="output folder (default ./profile)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_profile)
