@@ -54,6 +54,8 @@ def test_fidelity_rows_resume_past_a_torn_line_and_average_per_spec_and_ratio(tm
         fh.write('{"row": "snapkv|0.9|a", "nl')  # interrupted mid-write
     found = read_rows(path)
     assert set(found) == {r["row"] for r in rows}
-    assert summary(list(found.values())) == [("snapkv", 0.75, 2.0, 0.75, 2), ("full", 0.0, 0.25, 1.0, 1)]
+    # sample b has no full-cache row, so no excess over the full cache for snapkv
+    assert summary(list(found.values())) == [("snapkv", 0.75, 2.0, 0.75, 2, None), ("full", 0.0, 0.25, 1.0, 1, 0.0)]
     append_record(path, {**rows[1], "nll": 5.0})  # a rerun row replaces the old one
-    assert summary(list(read_rows(path).values()))[0] == ("snapkv", 0.75, 4.0, 0.75, 2)
+    append_record(path, {**rows[3], "row": "full|0.0|b", "nll": 1.0})
+    assert summary(list(read_rows(path).values()))[0] == ("snapkv", 0.75, 4.0, 0.75, 2, (4.75 + 2.0) / 2)

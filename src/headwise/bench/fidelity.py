@@ -31,21 +31,35 @@ def read_rows(path: Path) -> dict[str, dict]:
     return rows
 
 
-def summary(rows: list[dict]) -> list[tuple[str, float, float, float, int]]:
-    """``(spec, ratio, mean nll, mean top1, samples)`` per spec and ratio, specs in order of appearance."""
+FULL_SPECS = ("full", "kvpress:full")
+
+
+def summary(rows: list[dict]) -> list[tuple[str, float, float, float, int, float | None]]:
+    """``(spec, ratio, mean nll, mean top1, samples, excess)`` per spec and ratio, specs in order of appearance.
+
+    ``excess`` is the mean of ``nll`` minus the full cache's own ``nll`` on the same sample (rows of spec
+    ``full`` or ``kvpress:full``), or None when some sample has no full-cache row.
+    """
+    floor = {r["row"].rsplit("|", 1)[1]: r["nll"] for r in rows if r.get("spec") in FULL_SPECS}
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in rows:
         if "spec" in r:
             groups.setdefault((r["spec"], r["ratio"]), []).append(r)
     order = {spec: i for i, spec in enumerate(dict.fromkeys(spec for spec, _ in groups))}
-    return [
-        (spec, ratio, sum(r["nll"] for r in g) / len(g), sum(r["top1"] for r in g) / len(g), len(g))
-        for (spec, ratio), g in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1]))
-    ]
+    out = []
+    for (spec, ratio), g in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
+        ids = [r["row"].rsplit("|", 1)[1] for r in g]
+        excess = sum(r["nll"] - floor[i] for r, i in zip(g, ids, strict=True)) / len(g) if all(
+            i in floor for i in ids) else None
+        out.append((spec, ratio, sum(r["nll"] for r in g) / len(g), sum(r["top1"] for r in g) / len(g), len(g), excess))
+    return out
 
 
 def format_summary(rows: list[dict]) -> str:
     """The summary as text lines (lower nll and higher top1 are closer to the full cache)."""
     return "\n".join(
-        f"  {ratio:4}  nll={nll:6.3f}  top1={top1:5.3f}  n={n:3}  {spec}" for spec, ratio, nll, top1, n in summary(rows)
+        f"  {ratio:4}  nll={nll:6.3f}  top1={top1:5.3f}  n={n:3}  "
+        + (f"over full={excess:+6.3f}  " if excess is not None else "")
+        + spec
+        for spec, ratio, nll, top1, n, excess in summary(rows)
     )
