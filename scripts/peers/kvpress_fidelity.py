@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < r < 1 for r in ratios):
         p.error(f"ratios must lie in (0, 1), got {ratios}")
     samples = load_samples(expand_paths(args.tasks))
-    answers = {row[5:]: r["answer"] for row, r in read_rows(args.reference).items() if row.startswith("full|")}
+    answers = {row[5:]: r["answer"] for row, r in read_rows(args.reference).items() if "answer" in r}
     missing = [s.id for s in samples if s.id not in answers]
     if missing:
         p.error(f"{args.reference} has no full-cache answer for {len(missing)} samples (first: {missing[0]}); "
