@@ -176,7 +176,9 @@ class HeadAware(Policy):
     budgets : str
         ``"roles"``: streaming heads keep sinks + window and the other heads share what the retrieval heads
         leave; ``"coverage"``: all non-retrieval heads share it by the profile's locality curves (see the
-        module docstring).
+        module docstring). Coverage follows the full cache more closely in every measurement so far
+        (BENCHMARKS.md); ``"roles"`` stays the default because results stores key a cell by the options as
+        given, so a new default would change what their ``headwise`` rows mean.
     """
 
     name: ClassVar[str] = "headwise"
