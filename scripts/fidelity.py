@@ -5,16 +5,20 @@ Usage::
     .venv/bin/headwise bench --tasks-only --out runs/dev-2k --seed 1 --lengths 2048 --samples 4 \\
         --tasks passkey,multivalue,kv
     .venv/bin/python scripts/fidelity.py --tasks runs/dev-2k/tasks --ratios 0.75,0.9 \\
-        --methods streaming_llm "headwise:profile=runs/profile-smollm2/profile.json,budgets=coverage" \\
+        --methods full streaming_llm "headwise:profile=runs/profile-smollm2/profile.json,budgets=coverage" \\
         --out runs/dev-2k/fidelity.jsonl
+    .venv/bin/python scripts/fidelity.py --report runs/dev-2k/fidelity.jsonl   # means of one or more files
 
 On a small model the benchmark's exact-match scores are mostly 0 or 1 on a handful of samples, too coarse to
 tell two option settings apart. Here each sample is answered once with the full cache (greedy, the
 question-agnostic protocol of ``headwise bench``); then, for each method and ratio, the context is compressed
 the same way and the full cache's answer is teacher-forced after the question. Reported per method and ratio:
-the mean negative log-likelihood per answer token (``nll``, lower is closer to the full cache; 0 would be a
-perfect copy) and the fraction of answer tokens that are still the compressed model's top choice (``top1``).
-Each (method, ratio, sample) is appended to ``--out`` as it finishes, so an interrupted run resumes.
+the mean negative log-likelihood per answer token (``nll``, lower is closer to the full cache) and the fraction
+of answer tokens that are still the compressed model's top choice (``top1``). Method ``full`` gives the floor,
+the full cache's own NLL of its answer (run once, at ratio 0); when it is present the means also show each
+method's excess over it, sample by sample. Each (method, ratio, sample) is appended to ``--out`` as it
+finishes, so an interrupted run resumes. ``scripts/peers/kvpress_fidelity.py`` writes the same rows for kvpress
+presses.
 """
 
 from __future__ import annotations
