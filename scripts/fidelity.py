@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from headwise.api import make_cache, parse_options
-from headwise.bench.fidelity import format_summary, read_rows
+from headwise.bench.fidelity import add_row, answer_nll, answer_row, format_summary, ratios_for, read_rows, row_key
 from headwise.bench.runner import prompt_parts
 from headwise.bench.store import append_record
 from headwise.bench.tasks import read_samples
@@ -51,10 +51,7 @@ def follow(lm, cache, tail: list[int], answer: list[int]) -> tuple[float, float]
     """Mean NLL per token of ``answer`` after ``tail`` in ``cache``, and the fraction that is the top choice."""
     ids = torch.tensor([tail + answer[:-1]])
     logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=len(answer)).logits[0]
-    logp = logits.float().log_softmax(dim=-1)
-    target = torch.tensor(answer)
-    nll = -logp[torch.arange(len(answer)), target].mean().item()
-    return nll, (logp.argmax(dim=-1) == target).float().mean().item()
+    return answer_nll(logits, answer)
 
 
 def main() -> None:
@@ -85,7 +82,7 @@ def main() -> None:
     done = read_rows(args.out)
     for sample in samples:
         head, tail = prompt_parts(lm, sample)
-        ref_key = f"full|{sample.id}"
+        ref_key = answer_row(sample.id)
         if ref_key not in done:
             cache, logits = compressed_context(lm, "full", {}, 0.0, head)
             logits = prefill(lm.model, torch.tensor([tail]), cache)
@@ -95,15 +92,11 @@ def main() -> None:
             append_record(args.out, done[ref_key])
         answer = done[ref_key]["answer"]
         for spec, name, options in methods:
-            for ratio in [0.0] if name == "full" else ratios:  # the full cache has no ratio
-                row = f"{spec}|{ratio}|{sample.id}"
-                if row in done:
+            for ratio in ratios_for(name, ratios):
+                if row_key(spec, ratio, sample.id) in done:
                     continue
                 cache, _ = compressed_context(lm, name, options, ratio, head)
-                nll, top1 = follow(lm, cache, tail, answer)
-                done[row] = {"row": row, "spec": spec, "ratio": ratio, "task": sample.task, "nll": nll, "top1": top1}
-                append_record(args.out, done[row])
-                print(f"{sample.id:24} {ratio:4} nll={nll:6.3f} top1={top1:5.2f}  {spec}", flush=True)
+                add_row(args.out, done, spec, ratio, sample.id, sample.task, *follow(lm, cache, tail, answer))
     print("\nmean over samples (lower nll and higher top1 are closer to the full cache):")
     print(format_summary([r for r in done.values() if r.get("spec") in args.methods]))
 

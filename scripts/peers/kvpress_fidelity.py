@@ -31,33 +31,33 @@ from kvpress_runner import (  # the runner also puts headwise's standard-library
     expand_paths,
     load_model,
     load_samples,
+    prefill_with_press,
     press_specs,
     prompt_parts,
 )
 
-from headwise.bench.fidelity import format_summary, read_rows
-from headwise.bench.store import append_record
+from headwise.bench.fidelity import (
+    add_row,
+    answer_nll,
+    format_summary,
+    ratios_for,
+    read_rows,
+    reference_answers,
+    row_key,
+)
 
 
 def follow(model: Any, head: list[int], tail: list[int], answer: list[int], press: Any) -> tuple[float, float]:
     """Mean NLL per token of ``answer`` after ``tail`` on ``head`` compressed by ``press``, and top-1 agreement."""
-    import contextlib
-
     import torch
-    from transformers import DynamicCache
 
     with torch.inference_mode():
-        cache = DynamicCache()
-        with press(model) if press is not None else contextlib.nullcontext():
-            model.model(input_ids=torch.tensor([head]), past_key_values=cache, use_cache=True)
+        cache = prefill_with_press(model, head, press)
         ids = tail + answer[:-1]
         positions = torch.arange(len(head), len(head) + len(ids)).unsqueeze(0)
         logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=positions, use_cache=True,
                        logits_to_keep=len(answer)).logits[0]
-    logp = logits.float().log_softmax(dim=-1)
-    target = torch.tensor(answer)
-    nll = -logp[torch.arange(len(answer)), target].mean().item()
-    return nll, (logp.argmax(dim=-1) == target).float().mean().item()
+    return answer_nll(logits, answer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < r < 1 for r in ratios):
         p.error(f"ratios must lie in (0, 1), got {ratios}")
     samples = load_samples(expand_paths(args.tasks))
-    answers = {row[5:]: r["answer"] for row, r in read_rows(args.reference).items() if "answer" in r}
+    answers = reference_answers(read_rows(args.reference))
     missing = [s.id for s in samples if s.id not in answers]
     if missing:
         p.error(f"{args.reference} has no full-cache answer for {len(missing)} samples (first: {missing[0]}); "
@@ -95,15 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     for sample in samples:
         head, tail = prompt_parts(tokenizer, sample.context, sample.question)
         for name in presses:
-            for ratio in [0.0] if name == "full" else ratios:  # the full cache has no ratio
-                spec = f"kvpress:{name}"
-                row = f"{spec}|{ratio}|{sample.id}"
-                if row in done:
+            spec = f"kvpress:{name}"
+            for ratio in ratios_for(name, ratios):
+                if row_key(spec, ratio, sample.id) in done:
                     continue
-                nll, top1 = follow(model, head, tail, answers[sample.id], specs[name].build(ratio))
-                done[row] = {"row": row, "spec": spec, "ratio": ratio, "task": sample.task, "nll": nll, "top1": top1}
-                append_record(args.out, done[row])
-                print(f"{sample.id:24} {ratio:4} nll={nll:6.3f} top1={top1:5.2f}  {spec}", flush=True)
+                add_row(args.out, done, spec, ratio, sample.id, sample.task,
+                        *follow(model, head, tail, answers[sample.id], specs[name].build(ratio)))
     print("\nmean over samples (lower nll and higher top1 are closer to the full cache):")
     print(format_summary(list(done.values())))
     return 0

@@ -296,6 +296,20 @@ def masked_entries(model: Any) -> int:
     return total
 
 
+def prefill_with_press(model: Any, head: list[int], press: Any) -> Any:
+    """A new cache holding the context ``head`` compressed by ``press`` (None: uncompressed).
+
+    kvpress's protocol: the bare decoder (no LM head) prefills the context inside the press's hooks.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        model.model(input_ids=torch.tensor([head]), past_key_values=cache, use_cache=True)
+    return cache
+
+
 def run_sample(model: Any, tokenizer: Any, sample: Sample, press: Any, *, stop_ids: set[int]) -> dict[str, Any]:
     """Question-agnostic run of one sample: compress the context, append the question, decode greedily.
 
@@ -306,7 +320,6 @@ def run_sample(model: Any, tokenizer: Any, sample: Sample, press: Any, *, stop_i
     minus the entries a masking press such as AdaKV hides but still holds).
     """
     import torch
-    from transformers import DynamicCache
 
     head, tail = prompt_parts(tokenizer, sample.context, sample.question)
     n_ctx = len(head)
@@ -316,11 +329,8 @@ def run_sample(model: Any, tokenizer: Any, sample: Sample, press: Any, *, stop_i
     for layer in model.model.layers:
         layer.self_attn.masked_key_indices = None
     with torch.inference_mode(), PeakRSS() as mem:
-        cache = DynamicCache()
         start = time.perf_counter()
-        # kvpress's protocol: the bare decoder (no LM head) prefills the context inside the press's hooks
-        with press(model) if press is not None else contextlib.nullcontext():
-            model.model(input_ids=torch.tensor([head]), past_key_values=cache, use_cache=True)
+        cache = prefill_with_press(model, head, press)
         prefill_seconds = time.perf_counter() - start
         kv = cache_bytes(cache)
         masked = masked_entries(model)
