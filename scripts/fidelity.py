@@ -33,6 +33,7 @@ from headwise.bench.fidelity import add_row, answer_nll, answer_row, format_summ
 from headwise.bench.runner import prompt_parts
 from headwise.bench.store import append_record
 from headwise.bench.tasks import read_samples
+from headwise.compat import forward
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
 from headwise.models import load_model
 
@@ -50,7 +51,7 @@ def compressed_context(lm, method: str, options: dict, ratio: float, head: list[
 def follow(lm, cache, tail: list[int], answer: list[int]) -> tuple[float, float]:
     """Mean NLL per token of ``answer`` after ``tail`` in ``cache``, and the fraction that is the top choice."""
     ids = torch.tensor([tail + answer[:-1]])
-    logits = lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=len(answer)).logits[0]
+    logits = forward(lm.model, cache, ids, logits_to_keep=len(answer)).logits[0]
     return answer_nll(logits, answer)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import tiny_model
+from headwise.compat import forward
 from headwise.models import LoadedModel, ModelInfo
 
 
@@ -52,7 +53,7 @@ def fake_answer(monkeypatch, lm: LoadedModel) -> None:
     def decode(model, logits, cache, *, max_new_tokens, sampling, stop_ids):
         tokens = answers[last[0]]
         for tok in tokens[:-1]:
-            model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True)
+            forward(model, cache, torch.tensor([[tok]]))
         return tokens
 
     answers: dict[int, list[int]] = {}

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 from headwise.capture import CaptureSettings, capture, induction_targets
+from headwise.compat import forward
 
 SETTINGS = CaptureSettings(windows=(4, 8), n_sink=2, map_size=8, block_size=7)
 
@@ -119,10 +120,10 @@ def test_capture_with_cache_prefix_and_decoding_matches_one_pass():
         cache = DynamicCache(config=model.config)
         with capture(model, SETTINGS) as rec:
             rec.set_input(ids[0])
-            model(input_ids=ids[:, :20], past_key_values=cache, use_cache=True)
-            model(input_ids=ids[:, 20:30], past_key_values=cache, use_cache=True)
+            forward(model, cache, ids[:, :20])
+            forward(model, cache, ids[:, 20:30])
             for i in range(30, 36):
-                model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                forward(model, cache, ids[:, i : i + 1])
     for layer, a in enumerate(dense):
         ref = naive_stats(a, allowed_matrix(model, layer, 36), ids[0].tolist(), SETTINGS)
         st = rec.layers[layer]
@@ -176,10 +177,10 @@ def test_sliding_cache_layers_report_offsets_that_map_back_to_positions():
     with torch.no_grad():
         dense = dense_attention(model, ids)
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :33], past_key_values=cache, use_cache=True)
+        forward(model, cache, ids[:, :33])
         with capture(model, CaptureSettings(argmax_only=True)) as rec:
             for i in range(33, 40):
-                model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                forward(model, cache, ids[:, i : i + 1])
     for layer, st in rec.layers.items():
         shifts = torch.tensor([i + 1 - n for i, n in zip(range(33, 40), st.key_lengths, strict=True)])
         if model.config.layer_types[layer] == "sliding_attention":

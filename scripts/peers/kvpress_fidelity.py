@@ -45,6 +45,7 @@ from headwise.bench.fidelity import (
     reference_answers,
     row_key,
 )
+from headwise.compat import forward
 
 
 def follow(model: Any, head: list[int], tail: list[int], answer: list[int], press: Any) -> tuple[float, float]:
@@ -55,9 +56,8 @@ def follow(model: Any, head: list[int], tail: list[int], answer: list[int], pres
         cache = prefill_with_press(model, head, press)
         ids = tail + answer[:-1]
         positions = torch.arange(len(head), len(head) + len(ids)).unsqueeze(0)
-        logits = model(input_ids=torch.tensor([ids]), past_key_values=cache, position_ids=positions, use_cache=True,
-                       logits_to_keep=len(answer)).logits[0]
-    return answer_nll(logits, answer)
+        out = forward(model, cache, torch.tensor([ids]), position_ids=positions, logits_to_keep=len(answer))
+    return answer_nll(out.logits[0], answer)
 
 
 def main(argv: list[str] | None = None) -> int:

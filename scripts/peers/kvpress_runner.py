@@ -3,7 +3,8 @@
 Runs inside ``.venv-kvpress`` (made by ``scripts/peers/setup_kvpress.sh``): kvpress pins transformers below
 5.3 while headwise runs on 5.x latest, so this script imports only headwise's standard-library modules
 (``headwise.bench.scoring`` for the scores, ``headwise.bench.store`` to append records,
-``headwise.memory`` for peak RSS) and mirrors the rest:
+``headwise.memory`` for peak RSS, ``headwise.compat`` to hand the cache to the model under the name the installed
+transformers takes and check it was filled) and mirrors the rest:
 
 - the prompt (``prompt_parts``): the chat template applied to the user turn ``context + "\\n\\n" + question``,
   rendered once, cut at the end of the context text, both pieces tokenized separately, exactly as
@@ -64,12 +65,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-# Two headwise modules that need only the standard library: the scoring rules and the peak-RSS sampler are
-# imported, not copied, so both libraries are scored and measured by the same code. Nothing that imports
-# torch or transformers is loaded from headwise.
+# headwise modules that need only the standard library are imported, not copied: the scoring rules, the
+# store, the peak-RSS sampler, and the one place that hands a cache to a model and checks it was filled; so
+# both libraries are scored and measured by the same code. Nothing that imports torch or transformers is
+# loaded from headwise.
 sys.path.insert(0, str(REPO / "src"))
 from headwise.bench.scoring import score  # noqa: E402
 from headwise.bench.store import append_record  # noqa: E402
+from headwise.compat import forward  # noqa: E402
 from headwise.memory import PeakRSS  # noqa: E402
 
 DEFAULT_MODEL_DIR = Path(os.environ.get("HEADWISE_CACHE", Path.home() / ".cache" / "headwise")) / "models"
@@ -306,7 +309,7 @@ def prefill_with_press(model: Any, head: list[int], press: Any) -> Any:
 
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=torch.tensor([head]), past_key_values=cache, use_cache=True)
+        forward(model.model, cache, torch.tensor([head]), evicts=press is not None)
     return cache
 
 
@@ -337,8 +340,7 @@ def run_sample(model: Any, tokenizer: Any, sample: Sample, press: Any, *, stop_i
         start = time.perf_counter()
         # the question continues the positions of the uncompressed context (as the kvpress pipeline does)
         positions = torch.arange(n_ctx, n_ctx + len(tail)).unsqueeze(0)
-        out = model(input_ids=torch.tensor([tail]), past_key_values=cache, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
+        out = forward(model, cache, torch.tensor([tail]), position_ids=positions, logits_to_keep=1)
         question_seconds = time.perf_counter() - start
         logits = out.logits[:, -1, :]
         position = n_ctx + len(tail)
@@ -349,8 +351,7 @@ def run_sample(model: Any, tokenizer: Any, sample: Sample, press: Any, *, stop_i
             tokens.append(int(token[0]))
             if tokens[-1] in stop_ids or len(tokens) == sample.max_new_tokens:
                 break
-            out = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=torch.tensor([[position]]),
-                        use_cache=True)
+            out = forward(model, cache, token.view(1, 1), position_ids=torch.tensor([[position]]))
             position += 1
             logits = out.logits[:, -1, :]
         decode_seconds = time.perf_counter() - start

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache, DynamicCache
 
+from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 
@@ -117,13 +118,15 @@ class GenerationResult:
 def prefill(
     model: torch.nn.Module, input_ids: torch.Tensor, cache: Cache, *, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """Run the prompt through ``model`` into ``cache`` (in chunks when asked); return the last logits."""
+    """Run the prompt through ``model`` into ``cache`` (in chunks when asked); return the last logits.
+
+    Every forward goes through :func:`headwise.compat.forward`, which raises if the cache did not take the tokens.
+    """
     step = chunk_size or input_ids.shape[1]
     logits = None
     for start in range(0, input_ids.shape[1], step):
         # logits_to_keep=1: only the last position's logits (a 4K prompt's full logits would be 750 MiB).
-        out = model(input_ids=input_ids[:, start : start + step], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = forward(model, cache, input_ids[:, start : start + step], logits_to_keep=1)
         logits = out.logits[:, -1, :]
     assert logits is not None
     return logits
@@ -150,7 +153,7 @@ def decode(
             on_token(tokens[-1])
         if tokens[-1] in stop_ids or len(tokens) == max_new_tokens:
             break
-        out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+        out = forward(model, cache, token.view(1, 1))
         logits = out.logits[:, -1, :]
     return tokens
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from headwise.capture import CaptureSettings, capture
+from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
 from headwise.models import LoadedModel
@@ -172,7 +173,7 @@ def _needle_run(lm: LoadedModel, settings: ProfileSettings, run: int) -> tuple[t
     with torch.inference_mode():
         prefill(lm.model, ids[:, :-1], cache)
         with capture(lm.model, CaptureSettings(argmax_only=True)) as rec:
-            logits = lm.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1, :]
+            logits = forward(lm.model, cache, ids[:, -1:]).logits[:, -1, :]
             tokens = decode(lm.model, logits, cache, max_new_tokens=settings.max_new_tokens, sampling=Sampling(),
                             stop_ids=stop_token_ids(lm))
     text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
