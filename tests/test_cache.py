@@ -8,15 +8,17 @@ bytes held follow the kept count.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DynamicCache
 
 from conftest import tiny_model
 from headwise.api import make_cache, make_plan
+from headwise.attention import register
 from headwise.cache import CompressedLayer, HeadwiseCache
+from headwise.compat import cache_argument, cache_kwargs, forward
 from headwise.errors import HeadwiseError
 from headwise.generation import cache_bytes, prefill
 from headwise.policies import POLICIES
@@ -87,10 +89,22 @@ def compensated_attention(module, query, key, value, attention_mask, scaling=Non
     return out, None
 
 
+ALLOWED: dict[int, torch.Tensor] = {}
+
+
+def row_masked_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Dense attention where query row i of a compressed layer's KV head h sees the keys ``ALLOWED[layer][h, i]``."""
+    q, n = query.shape[2], key.shape[2]
+    allowed = _given_mask(attention_mask, q, n)
+    if module.layer_idx in ALLOWED:
+        group = query.shape[1] // key.shape[1]
+        allowed = allowed & ALLOWED[module.layer_idx].repeat_interleave(group, 0)[None]
+    return _eager(query, key, value, allowed, scaling)
+
+
 for _name, _fn in (("record", record_attention), ("kept_only", kept_only_attention),
-                   ("compensated", compensated_attention)):
-    AttentionInterface.register(_name, _fn)
-    AttentionMaskInterface.register(_name, sdpa_mask)
+                   ("compensated", compensated_attention), ("row_masked", row_masked_attention)):
+    register(_name, _fn)
 
 
 def ids(n: int = N, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -100,7 +114,18 @@ def ids(n: int = N, seed: int = 0, batch: int = 1) -> torch.Tensor:
 def plain_logits(model, input_ids, attn="sdpa") -> torch.Tensor:
     model.set_attn_implementation(attn)
     with torch.inference_mode():
-        return model(input_ids, past_key_values=DynamicCache(config=model.config)).logits
+        return forward(model, DynamicCache(config=model.config), input_ids).logits
+
+
+def filled_layers(cache: HeadwiseCache, model, seen: int) -> list[CompressedLayer]:
+    """The cache's compressed layers, after checking that every one holds every KV head and saw ``seen`` tokens
+    (so a loop over heads cannot pass on a cache that was never filled)."""
+    layers = cache.compressed_layers
+    assert layers, "no compressed layer"
+    for layer in layers:
+        assert len(layer.heads) == model.config.num_key_value_heads and layer.seen == seen
+        assert all(head.keys.shape[1] > 0 for head in layer.heads)
+    return layers
 
 
 # --- ratio 0 changes nothing -----------------------------------------------------------------------------
@@ -115,8 +140,8 @@ def test_ratio_zero_gives_the_plain_logits(arch, mode):
     for policy in (name for name in POLICIES if name != "headwise"):
         cache = make_cache(model, policy, ratio=None if policy == "full" else 0.0, mode=mode)
         with torch.inference_mode():
-            first = model(prompt, past_key_values=cache).logits
-            steps = [model(follow[:, i : i + 1], past_key_values=cache).logits for i in range(follow.shape[1])]
+            first = forward(model, cache, prompt).logits
+            steps = [forward(model, cache, follow[:, i : i + 1]).logits for i in range(follow.shape[1])]
         got = torch.cat([first, *steps], dim=1)
         torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5, msg=f"{policy} {mode}")
 
@@ -129,14 +154,14 @@ def test_chunked_prefill_at_ratio_zero_gives_the_plain_logits(arch):
     for policy in ("snapkv", "h2o", "knorm"):
         cache = make_cache(model, policy, ratio=0.0)
         with torch.inference_mode():
-            chunks = [model(prompt[:, s : s + 13], past_key_values=cache).logits for s in range(0, N, 13)]
+            chunks = [forward(model, cache, prompt[:, s : s + 13]).logits for s in range(0, N, 13)]
         torch.testing.assert_close(torch.cat(chunks, 1), reference, rtol=1e-5, atol=1e-5, msg=policy)
 
 
 # --- the kept tokens are the policy's top scores -----------------------------------------------------------
 
 
-def reference_kept(policy, query, key, scaling, budget) -> list[torch.Tensor]:
+def reference_kept(policy, query, key, scaling, budget, group_reduce="mean") -> list[torch.Tensor]:
     """Positions each KV head should keep, computed densely from recorded queries and keys."""
     b, hq, n, _ = query.shape
     hkv = key.shape[1]
@@ -144,7 +169,8 @@ def reference_kept(policy, query, key, scaling, budget) -> list[torch.Tensor]:
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     logits = (query @ key.repeat_interleave(group, 1).transpose(-1, -2)) * scaling
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-    probs = probs.view(b, hkv, group, n, n).mean(2)
+    probs = probs.view(b, hkv, group, n, n)
+    probs = probs.mean(2) if group_reduce == "mean" else probs.amax(2)
     kept = []
     for h in range(hkv):
         state = torch.zeros(b, 1, n)
@@ -165,19 +191,27 @@ def reference_kept(policy, query, key, scaling, budget) -> list[torch.Tensor]:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("policy_name", ["streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm"])
 def test_kept_tokens_are_the_top_scores(arch, policy_name):
+    check_kept_tokens(arch, policy_name, "mean")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("policy_name", ["h2o", "snapkv", "tova"])
+def test_kept_tokens_are_the_top_scores_with_the_max_over_a_query_group(arch, policy_name):
+    check_kept_tokens(arch, policy_name, "max")
+
+
+def check_kept_tokens(arch: str, policy_name: str, group_reduce: str) -> None:
     model = tiny_model(arch)
     prompt = ids(N, seed=2)
     RECORDED.clear()
     plain_logits(model, prompt, attn="record")
     options = {"window": 8} if policy_name == "snapkv" else {}
-    cache = make_cache(model, policy_name, ratio=0.5, options=options)
+    cache = make_cache(model, policy_name, ratio=0.5, options={**options, "group_reduce": group_reduce})
     prefill(model, prompt, cache)
     budget = N // 2
-    for layer in cache.layers:
-        if not isinstance(layer, CompressedLayer):
-            continue
+    for layer in filled_layers(cache, model, N):
         query, key, scaling = RECORDED[layer.layer_idx]
-        expected = reference_kept(layer.plan.policy, query, key, scaling, budget)
+        expected = reference_kept(layer.plan.policy, query, key, scaling, budget, group_reduce)
         for h, head in enumerate(layer.heads):
             assert head.positions.shape == (1, budget)
             assert torch.equal(head.positions.long(), expected[h]), (policy_name, layer.layer_idx, h)
@@ -194,7 +228,7 @@ def next_logits_and_references(model, cache, *attns: str) -> tuple[torch.Tensor,
     prompt, extra = ids(N, seed=3), ids(1, seed=4)
     prefill(model, prompt, cache)
     with torch.inference_mode():
-        got = model(extra, past_key_values=cache).logits[:, -1]
+        got = forward(model, cache, extra).logits[:, -1]
     KEPT.clear()
     KEPT.update({layer.layer_idx: [h.positions for h in layer.heads] for layer in cache.compressed_layers})
     return got, [plain_logits(model, torch.cat([prompt, extra], 1), attn=a)[:, -1] for a in attns]
@@ -207,6 +241,54 @@ def test_attention_over_compressed_cache_equals_kept_only_reference(arch, alloca
     cache = make_cache(model, "h2o", ratio=0.6, options={"allocation": allocation, "schedule": "pyramid"})
     got, [reference] = next_logits_and_references(model, cache, "kept_only")
     torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("policy", "options"), [("h2o", {}), ("snapkv", {"window": 4}), ("knorm", {})])
+def test_chunked_prefill_with_eviction_equals_dense_attention_over_kept_tokens_plus_the_chunk(arch, policy, options):
+    """Every query of chunk c sees what the cache kept after chunk c-1 and its own chunk up to itself; a dense
+    forward masked row by row that way gives the same logits for every position of every chunk."""
+    model = tiny_model(arch)
+    prompt, size = ids(N, seed=20), 16
+    cache = make_cache(model, policy, ratio=0.5, options=options)
+    allowed = {layer.layer_idx: torch.zeros(model.config.num_key_value_heads, N, N, dtype=torch.bool)
+               for layer in cache.compressed_layers}
+    chunks = []
+    for start in range(0, N, size):
+        for layer in cache.compressed_layers:
+            for h, head in enumerate(layer.heads):  # kept after the previous chunk
+                allowed[layer.layer_idx][h, start : start + size, head.positions[0].long()] = True
+            causal = torch.ones(size, size, dtype=torch.bool).tril()
+            allowed[layer.layer_idx][:, start : start + size, start : start + size] |= causal
+        with torch.inference_mode():
+            chunks.append(forward(model, cache, prompt[:, start : start + size]).logits)
+    assert all(n < N // 2 + size for layer in filled_layers(cache, model, N) for n in layer.kept())  # it evicted
+    ALLOWED.clear()
+    ALLOWED.update(allowed)
+    reference = plain_logits(model, prompt, attn="row_masked")
+    torch.testing.assert_close(torch.cat(chunks, 1), reference, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(reference, plain_logits(model, prompt), rtol=1e-4, atol=1e-5)  # eviction mattered
+
+
+class CopyingCache(HeadwiseCache):
+    """A cache whose ``update`` returns a cast copy of what the layer returned: what a model does when it changes
+    the key (a dtype cast, ``contiguous()``, a reshape) between ``update`` and attention."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        key, value = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return key.to(torch.float64).to(key.dtype).clone(), value.clone()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_model_that_changes_the_key_after_update_still_attends_over_the_kept_tokens(arch):
+    model = tiny_model(arch)
+    plan = make_plan("h2o", ratio=0.6)
+    cache = make_cache(model, "h2o", ratio=0.6)
+    got, [reference] = next_logits_and_references(model, cache, "kept_only")
+    model.set_attn_implementation("headwise")
+    copied, _ = next_logits_and_references(model, CopyingCache(model.config, plan), "kept_only")
+    torch.testing.assert_close(copied, got, rtol=0, atol=0)
+    torch.testing.assert_close(copied, reference, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -226,7 +308,7 @@ def test_compensation_merges_every_eviction_across_chunks_and_counts_its_bytes()
     _, key, _ = RECORDED[0]
     cache = make_cache(model, "knorm", ratio=0.75, options={"compensate": True})
     prefill(model, prompt, cache, chunk_size=16)
-    layer = cache.compressed_layers[0]
+    layer = filled_layers(cache, model, N)[0]
     for h, head in enumerate(layer.heads):
         gone = torch.ones(N, dtype=torch.bool)
         gone[head.positions[0].long()] = False
@@ -292,7 +374,7 @@ def test_chunked_prefill_holds_budget_plus_one_chunk():
     for start in range(0, 120, 20):
         chunk = ids(120, seed=8)[:, start : start + 20]
         with torch.inference_mode():
-            model(chunk, past_key_values=cache)
+            forward(model, cache, chunk)
         stored.append(max(max(k) for k in cache.kept()))
     assert stored == [20, 30, 30, 30, 30, 30]
     assert cache.get_seq_length() == 120
@@ -304,7 +386,7 @@ def test_decode_mode_keeps_the_budget_while_generating():
     prefill(model, ids(40, seed=9), cache)
     with torch.inference_mode():
         for token in ids(15, seed=10)[0]:
-            model(token.view(1, 1), past_key_values=cache)
+            forward(model, cache, token.view(1, 1))
             assert cache.kept() == [[20], [20]]
     assert cache.get_seq_length() == 55
 
@@ -322,7 +404,8 @@ def test_generate_greedy_and_sampling_with_a_compressed_cache():
     model = tiny_model("llama")
     prompt = ids(40, seed=13)
     cache = make_cache(model, "snapkv", ratio=0.5, options={"window": 8})
-    out = model.generate(prompt, past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, **cache_kwargs(model, cache), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert cache.get_seq_length() == 47  # the prompt and every generated token but the last went through it
     # The same tokens from a manual greedy loop on a fresh cache.
     manual = make_cache(model, "snapkv", ratio=0.5, options={"window": 8})
     logits = prefill(model, prompt, manual)
@@ -330,11 +413,21 @@ def test_generate_greedy_and_sampling_with_a_compressed_cache():
     with torch.inference_mode():
         for _ in range(8):
             tokens.append(int(logits.argmax(-1)))
-            logits = model(torch.tensor([[tokens[-1]]]), past_key_values=manual).logits[:, -1]
+            logits = forward(model, manual, torch.tensor([[tokens[-1]]])).logits[:, -1]
     assert out[0, 40:].tolist() == tokens
-    sampled = model.generate(prompt, past_key_values=make_cache(model, "h2o", budget=16, mode="decode"),
+    sampled = model.generate(prompt, **cache_kwargs(model, make_cache(model, "h2o", budget=16, mode="decode")),
                              max_new_tokens=8, do_sample=True, top_k=5, pad_token_id=0)
     assert sampled.shape == (1, 48)
+
+
+@pytest.mark.skipif(cache_argument(tiny_model("llama")) != "cache", reason="before 5.24 it is past_key_values")
+def test_generate_takes_a_headwise_cache_under_its_new_name():
+    model = tiny_model("llama")
+    cache = make_cache(model, "knorm", ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(ids(40, seed=13), cache=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert cache.get_seq_length() == 43 and cache.kept()[0] == [23, 23]  # 20 kept + 3 generated
 
 
 def test_batch_after_prefill_matches_each_row_alone():
@@ -344,12 +437,12 @@ def test_batch_after_prefill_matches_each_row_alone():
     logits = prefill(model, batch, cache)
     follow = ids(1, seed=15).expand(2, 1)
     with torch.inference_mode():
-        step = model(follow, past_key_values=cache).logits[:, -1]
+        step = forward(model, cache, follow).logits[:, -1]
     for row in range(2):
         alone = make_cache(model, "snapkv", ratio=0.5, options={"window": 8})
         torch.testing.assert_close(prefill(model, batch[row : row + 1], alone), logits[row : row + 1])
         with torch.inference_mode():
-            single = model(follow[:1], past_key_values=alone).logits[:, -1]
+            single = forward(model, alone, follow[:1]).logits[:, -1]
         torch.testing.assert_close(single, step[row : row + 1], rtol=1e-4, atol=1e-5)
 
 
@@ -360,7 +453,7 @@ def test_left_padded_batch_at_ratio_zero_matches_unpadded_rows():
     mask = torch.cat([torch.ones(1, 30), torch.cat([torch.zeros(1, 8), torch.ones(1, 22)], 1)]).long()
     cache = make_cache(model, "knorm", ratio=0.0)
     with torch.inference_mode():
-        out = model(torch.cat([long, padded]), attention_mask=mask, past_key_values=cache).logits[:, -1]
+        out = forward(model, cache, torch.cat([long, padded]), attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(out[1:], plain_logits(model, short)[:, -1], rtol=1e-4, atol=1e-5)
 
 
@@ -407,4 +500,4 @@ def test_a_headwise_cache_without_headwise_attention_is_refused():
     cache = HeadwiseCache(model.config, make_plan("knorm", ratio=0.5))
     model.set_attn_implementation("sdpa")
     with pytest.raises(HeadwiseError, match="'headwise' attention"), torch.inference_mode():
-        model(ids(10), past_key_values=cache)
+        forward(model, cache, ids(10))

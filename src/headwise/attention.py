@@ -3,20 +3,34 @@
 For a layer of a :class:`~headwise.cache.HeadwiseCache` it attends over the kept tokens of each KV head
 (see :meth:`headwise.cache.CompressedLayer.attend`); for anything else (sliding-window layers, a plain
 ``DynamicCache``, no cache) it is transformers' own SDPA attention, so selecting it is always safe.
-Its mask function is transformers' ``sdpa_mask``, registered under the same name: without a registered
+Its mask function is transformers' SDPA mask, registered under the same name: without a registered
 mask function transformers would silently drop the causal mask.
+
+Both of transformers' functions are looked up by name in its public registries (``AttentionInterface()``
+and ``AttentionMaskInterface()``, which map ``"sdpa"`` to them), never imported from its internal modules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import AttentionInterface, AttentionMaskInterface
 
 from headwise.cache import take_handoff
 
 NAME = "headwise"
+
+
+def sdpa_attention() -> Callable:
+    """transformers' SDPA attention function, from its public registry."""
+    return AttentionInterface()["sdpa"]
+
+
+def register(name: str, function: Callable) -> None:
+    """Register an attention function under ``name``, with the SDPA mask function (causal, sliding windows)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, AttentionMaskInterface()["sdpa"])
 
 
 def headwise_attention(
@@ -30,13 +44,11 @@ def headwise_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention for one layer: over a compressed layer's kept tokens, or plain SDPA otherwise."""
-    layer = take_handoff(key)
+    layer = take_handoff(module, key)
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     return layer.attend(query, attention_mask, scale), None
 
 
-AttentionInterface.register(NAME, headwise_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+register(NAME, headwise_attention)

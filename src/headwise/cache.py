@@ -14,7 +14,7 @@ from the logical length (:meth:`CompressedLayer.get_seq_length`), which counts e
 
 Attention over the ragged heads runs in :func:`headwise.attention.headwise_attention`, the attention
 function registered with transformers' ``AttentionInterface`` under the name ``"headwise"``. The layer's
-``update`` hands itself to that function (a thread-local hand-off checked by identity), which attends one
+``update`` hands itself to that function (a thread-local hand-off by layer index), which attends one
 KV head at a time with its query group, feeds the policy the attention it needs, then lets the layer
 compress. Compressing inside the forward, layer by layer, means the full cache of all layers never exists
 at once, and with chunked prefill the peak stays near budget plus one chunk.
@@ -25,8 +25,9 @@ When compression happens
 * in ``mode="decode"`` also after every decoding step, keeping the layer at its budget (a token budget
   stays fixed; a ratio keeps that fraction of all tokens seen so far).
 
-Sliding-window layers (Gemma 3) keep transformers' own ``DynamicSlidingWindowLayer``: they already hold at
-most one window, and headwise compresses only the global-attention layers.
+Sliding-window layers (Gemma 3) keep the layer transformers' own ``DynamicCache`` builds for them (a
+``DynamicSlidingWindowLayer``): they already hold at most one window, and headwise compresses only the
+global-attention layers.
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache
-from transformers.cache_utils import CacheLayerMixin, DynamicSlidingWindowLayer
+from transformers import Cache, CacheLayerMixin, DynamicCache
 
 from headwise.budgets import ALLOCATIONS, adaptive_counts, floor_tokens, keep_count, layer_fractions
 from headwise.errors import HeadwiseError
@@ -127,19 +127,31 @@ class Plan:
 
 
 class _Handoff(threading.local):
-    layer: CompressedLayer | None = None
-    marker: torch.Tensor | None = None
+    """Per thread: the compressed layers whose ``update`` ran and whose attention has not yet, by layer index."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, CompressedLayer] = {}
 
 
 HANDOFF = _Handoff()
 
 
-def take_handoff(key: torch.Tensor) -> CompressedLayer | None:
-    """The compressed layer whose ``update`` returned ``key``, if any (consumed once)."""
-    layer = HANDOFF.layer
-    if layer is None or HANDOFF.marker is not key:
+def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> CompressedLayer | None:
+    """The compressed layer whose ``update`` ran for ``module``'s layer, if any (consumed once).
+
+    The layer is found by the attention module's ``layer_idx`` (the index the model gave ``update``), not by
+    the tensor ``update`` returned, so a model may cast, copy or reshape that tensor before attention. That
+    tensor holds no tokens: keys with tokens come from another cache (a stale entry, left by an interrupted
+    forward, is dropped), and no keys without a pending layer mean something other than ``update`` made them.
+    """
+    layer = HANDOFF.pending.pop(getattr(module, "layer_idx", None), None)
+    if key.shape[-2] > 0:
         return None
-    HANDOFF.layer = HANDOFF.marker = None
+    if layer is None:
+        raise HeadwiseError(
+            f"attention of {type(module).__name__} received no keys and no headwise cache layer: the model "
+            "must call the cache's update() for the same layer index right before attention"
+        )
     return layer
 
 
@@ -255,30 +267,40 @@ class CompressedLayer(CacheLayerMixin):
         """Store the new tokens of every head and hand this layer to the headwise attention function."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        stale = HANDOFF.layer
-        if stale is not None and stale.layer_idx < self.layer_idx:
+        if any(i < self.layer_idx for i in HANDOFF.pending):  # an earlier layer of this forward skipped it
             raise HeadwiseError(
                 "a headwise cache needs the 'headwise' attention implementation: build it with "
                 "headwise.api.make_cache(model, ...) or call model.set_attn_implementation('headwise')"
             )
+        HANDOFF.pending.clear()  # left by an interrupted forward
         b, _, q, _ = key_states.shape
         positions = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, q)
         for h, head in enumerate(self.heads):
             head.append(key_states[:, h], value_states[:, h], positions)
         self.seen += q
-        marker = key_states.new_empty(b, len(self.heads), 0, key_states.shape[-1])
-        HANDOFF.layer, HANDOFF.marker = self, marker
-        return marker, marker
+        HANDOFF.pending[self.layer_idx] = self
+        nothing = key_states.new_empty(b, len(self.heads), 0, key_states.shape[-1])
+        return nothing, nothing
 
     def get_seq_length(self) -> int:
         """Logical length: every token seen, kept or not (positions of new tokens follow it)."""
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Masks are built over logical positions; :meth:`attend` picks the columns of the kept tokens."""
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        """Masks are built over logical positions; :meth:`attend` picks the columns of the kept tokens.
+
+        transformers passes the query length (5.24 on) or a tensor of the query's positions (before), whose
+        length is all that is read.
+        """
+        query_length = query if isinstance(query, int) else len(query)
         return self.seen + query_length, 0
 
     def get_max_length(self) -> int:
+        """No maximum (transformers 5.24 on)."""
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """No maximum (the same, under its name before transformers 5.24)."""
         return -1
 
     def reset(self) -> None:
@@ -437,9 +459,9 @@ class HeadwiseCache(Cache):
             raise HeadwiseError(f"layer types {unknown} are not supported by the headwise cache")
         full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         fractions = dict(zip(full, layer_fractions(len(full), plan.schedule, plan.slope), strict=True))
+        dense = DynamicCache(config=config).layers  # transformers' own layer for each sliding layer
         layers: list[CacheLayerMixin] = [
-            CompressedLayer(plan, fractions[i], i) if i in fractions else DynamicSlidingWindowLayer(text.sliding_window)
-            for i in range(len(layer_types))
+            CompressedLayer(plan, fractions[i], i) if i in fractions else dense[i] for i in range(len(layer_types))
         ]
         super().__init__(layers=layers)
         plan.policy.bind(config)

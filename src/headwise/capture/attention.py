@@ -3,8 +3,9 @@
 The function returns exactly what transformers' own ``sdpa`` implementation returns (it calls it), then
 recomputes the attention probabilities block by block over queries to feed an
 :class:`~headwise.capture.stats.AttentionRecorder`. Only public extension points are used:
-``AttentionInterface.register``, ``AttentionMaskInterface.register`` (with transformers' ``sdpa_mask``, so
-the causal and sliding-window masks are built as for ``sdpa``) and ``model.set_attn_implementation``.
+``AttentionInterface.register``, ``AttentionMaskInterface.register`` (with transformers' SDPA mask function,
+so the causal and sliding-window masks are built as for ``sdpa``; see :func:`headwise.attention.register`) and
+``model.set_attn_implementation``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from headwise.attention import NAME as HEADWISE_ATTENTION
+from headwise.attention import register as register_attention
+from headwise.attention import sdpa_attention
 from headwise.capture.stats import AttentionRecorder, CaptureSettings
 from headwise.errors import HeadwiseError
 
@@ -61,9 +62,7 @@ def capture_attention(
     indices into the keys the layer holds: absolute positions for a full cache, offsets into the last ``kv_len``
     positions for a sliding-window cache layer after it has dropped old keys.
     """
-    output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+    output, _ = sdpa_attention()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     recorder = _ACTIVE.get()
     if recorder is None:
         return output, None
@@ -97,8 +96,7 @@ def capture_attention(
 
 def register() -> None:
     """Register ``headwise_capture`` with transformers' attention and mask interfaces (idempotent)."""
-    AttentionInterface.register(CAPTURE_NAME, capture_attention)
-    AttentionMaskInterface.register(CAPTURE_NAME, sdpa_mask)
+    register_attention(CAPTURE_NAME, capture_attention)
 
 
 @contextmanager
@@ -109,8 +107,6 @@ def capture(model: torch.nn.Module, settings: CaptureSettings | None = None) -> 
     transformers' SDPA for any cache but a headwise cache: transformers has no public getter for the previous
     implementation, and headwise does not read private attributes.
     """
-    from headwise.attention import NAME as HEADWISE_ATTENTION
-
     register()
     recorder = AttentionRecorder(settings or CaptureSettings())
     model.set_attn_implementation(CAPTURE_NAME)
