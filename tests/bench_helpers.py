@@ -8,7 +8,8 @@ import zlib
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from headwise.models import LoadedModel, ModelInfo
+from headwise.models import LoadedModel
+from headwise.registry import ModelInfo
 
 WORD = re.compile(r"\w+|[^\w\s]")
 VOCAB = 256

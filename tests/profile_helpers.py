@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_model
 from headwise.compat import forward
-from headwise.models import LoadedModel, ModelInfo
+from headwise.models import LoadedModel
+from headwise.registry import ModelInfo
 
 
 class CharTokenizer:
