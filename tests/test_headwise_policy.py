@@ -185,3 +185,34 @@ def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality
     bare = synthetic_profile(model, tmp_path, roles, retrieval)
     with pytest.raises(HeadwiseError, match="locality metrics"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare})
+
+
+def test_a_profile_with_unknown_roles_or_layer_types_is_refused(tmp_path):
+    model = tiny_model("llama")
+    path = synthetic_profile(model, tmp_path, [["retreival", "mixed"], ["mixed", "mixed"], ["mixed", "mixed"]],
+                             [[0.0, 0.0]] * 3)
+    with pytest.raises(HeadwiseError, match=r"unknown role\(s\) retreival; known: retrieval"):
+        make_cache(model, "headwise", ratio=0.5, options={"profile": path})
+    data = json.loads((tmp_path / "profile.json").read_text().replace("retreival", "retrieval"))
+    data["layer_types"][1] = "chunked_attention"
+    (tmp_path / "profile.json").write_text(json.dumps(data))
+    with pytest.raises(HeadwiseError, match=r"unknown layer type\(s\) chunked_attention"):
+        make_cache(model, "headwise", ratio=0.5, options={"profile": path})
+
+
+def test_a_profile_of_another_model_is_refused_even_with_the_same_shape(tmp_path):
+    model = tiny_model("llama")
+    path = synthetic_profile(model, tmp_path, [["mixed", "mixed"]] * 3, [[0.0, 0.0]] * 3)  # made for "tiny"
+    model.config._name_or_path = "/home/me/.cache/headwise/models/tiny"  # how a registry model is named
+    make_cache(model, "headwise", ratio=0.5, options={"profile": path})
+    model.config._name_or_path = "/home/me/.cache/headwise/models/other-tiny"
+    with pytest.raises(HeadwiseError, match="made for model 'tiny' but the model loaded is 'other-tiny'"):
+        make_cache(model, "headwise", ratio=0.5, options={"profile": path})
+
+
+def test_a_profile_with_other_layer_types_is_refused(tmp_path):
+    gemma = tiny_model("gemma3")  # 4 layers: sliding, full, sliding, full
+    path = synthetic_profile(gemma, tmp_path, [["mixed"]] * 4, [[0.0]] * 4)
+    gemma.config.layer_types = ["full_attention", "sliding_attention"] * 2
+    with pytest.raises(HeadwiseError, match="layer types"):
+        make_cache(gemma, "headwise", ratio=0.5, options={"profile": path})

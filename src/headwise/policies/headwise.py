@@ -232,9 +232,7 @@ class HeadAware(Policy):
         }
 
     def bind(self, config) -> None:
-        text = config.get_text_config()
-        self._profile.check_model(text.num_hidden_layers, text.num_attention_heads,
-                                  getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        self._profile.check_config(config)
 
     def kinds(self) -> dict[tuple[int, int], str]:
         """Role used for budgets, per (layer, KV head) of the compressed layers."""

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.profile.metrics import ROLES
 from headwise.report.html import write_atomic
 
 SCHEMA_VERSION = 1
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def _to_json_floats(rows: list[list[float]]) -> list[list[float | None]]:
@@ -85,7 +87,7 @@ class HeadProfile:
         write_atomic(Path(path), self.to_json())
 
     def validate(self) -> None:
-        """Raise :class:`HeadwiseError` if shapes or roles are inconsistent."""
+        """Raise :class:`HeadwiseError` if shapes are inconsistent, or a role or layer type is unknown."""
         if self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise HeadwiseError(f"{self.num_heads} heads cannot be grouped over {self.num_kv_heads} KV heads")
         for key, width in (("metrics", self.num_heads), ("kv_metrics", self.num_kv_heads)):
@@ -98,6 +100,12 @@ class HeadProfile:
                 raise HeadwiseError(f"profile {key} is not {self.num_layers} layers x {width} heads")
         if len(self.layer_types) != self.num_layers:
             raise HeadwiseError(f"profile has {len(self.layer_types)} layer types for {self.num_layers} layers")
+        roles = {str(r) for rows in (self.roles, self.kv_roles) for row in rows for r in row}
+        layer_types = {str(t) for t in self.layer_types}
+        for what, found, known in (("role", roles, ROLES), ("layer type", layer_types, LAYER_TYPES)):
+            unknown = sorted(found - set(known))
+            if unknown:
+                raise HeadwiseError(f"profile has unknown {what}(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
         """Raise :class:`HeadwiseError` unless the profile was made for a model of this shape."""
@@ -106,6 +114,31 @@ class HeadProfile:
             raise HeadwiseError(
                 f"the profile of '{self.model}' has {got[0]} layers, {got[1]} heads, {got[2]} KV heads but the model "
                 f"has {num_layers}, {num_heads}, {num_kv_heads}: profile this model with `headwise profile`"
+            )
+
+    def check_config(self, config) -> None:
+        """Raise :class:`HeadwiseError` unless the profile was made for the model of this transformers config.
+
+        The model's name is the last part of ``config.name_or_path`` (a registry model's cache folder is named
+        after it; a tiny test model built from a config has none, and then only the architecture is checked):
+        it must be the profile's ``model``; the shape and layer types must match as well.
+        """
+        name = Path(getattr(config, "name_or_path", "") or "").name
+        if name and name != self.model:
+            raise HeadwiseError(
+                f"the profile was made for model '{self.model}' but the model loaded is '{name}': "
+                "profile this model with `headwise profile`"
+            )
+        text = config.get_text_config()
+        self.check_model(text.num_hidden_layers, text.num_attention_heads,
+                         getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers)
+        if layer_types != self.layer_types:
+            i = next(i for i, (a, b) in enumerate(zip(self.layer_types, layer_types, strict=True)) if a != b)
+            raise HeadwiseError(
+                f"the profile of '{self.model}' has other layer types than the model (layer {i}: "
+                f"{self.layer_types[i]} in the profile, {layer_types[i]} in the model): profile this model with "
+                "`headwise profile`"
             )
 
     @classmethod
