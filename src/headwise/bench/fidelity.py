@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from headwise.bench.store import append_record
+from headwise.bench.store import append_record, read_lines
 
 FULL_SPECS = ("full", "kvpress:full")
 
@@ -72,7 +72,7 @@ def read_rows(path: Path) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     if not path.exists():
         return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

@@ -3,8 +3,10 @@
 Safety against interruption: each record is written as one line with a single ``write``, then flushed and
 ``fsync``-ed before the next cell starts, so a killed sweep loses at most the cell in flight. A crash in
 the middle of a write leaves a truncated last line; readers skip such malformed lines with a warning
-(they cannot be trusted, and the cell is simply run again), and the next append first ends the broken
-line so it never corrupts a good record. A cell is identified by ``key`` (see
+(they cannot be trusted, and the cell is simply run again), the next append first ends the broken
+line so it never corrupts a good record, and the next sweep moves it out of the store into
+``<store>.torn`` (:func:`repair`), so it warns once. Lines are split at ``"\n"`` only: a record's text may
+hold other line breaks (U+2028, U+0085). A cell is identified by ``key`` (see
 :func:`headwise.bench.runner.Cell.key`); a sweep skips cells whose key is already stored, and readers keep
 the last record of a key, so re-running never duplicates a cell.
 
@@ -41,6 +43,8 @@ import json
 import os
 import warnings
 from pathlib import Path
+
+from headwise.report.html import write_atomic
 
 REQUIRED = ("library", "model", "method", "ratio", "task", "length", "protocol", "score")
 IDENTITY = ("library", "model", "method", "options", "ratio", "task", "length", "protocol", "n_samples", "seed")
@@ -81,12 +85,17 @@ def parse_line(line: str) -> dict | None:
     return record if "key" in record else {**record, "key": identity_key(record)}
 
 
+def read_lines(path: Path) -> list[str]:
+    """The lines of a JSONL file, split at ``"\n"`` only; bytes that are not UTF-8 (a torn line) are replaced."""
+    return path.read_bytes().decode("utf-8", errors="replace").split("\n")
+
+
 def read_records(path: Path) -> list[dict]:
     """All valid records of a results file, the last one per key, in file order; malformed lines warn."""
     if not path.exists():
         return []
     by_key: dict[str, dict] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         record = parse_line(line)
@@ -101,3 +110,38 @@ def read_records(path: Path) -> list[dict]:
 def completed_keys(path: Path) -> set[str]:
     """Keys of the cells already stored in ``path``."""
     return {r["key"] for r in read_records(path)}
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return parse_line(line.decode("utf-8")) is not None
+    except UnicodeDecodeError:
+        return False
+
+
+def repair(path: Path) -> int:
+    """Move the malformed lines of a results store (torn by a crash mid-write) to ``<path>.torn``; return how many.
+
+    The torn lines are appended to the side file and made durable first, then the store is replaced atomically
+    by its good lines, in order, so a crash at any point loses no good record (at worst a torn line is in both
+    files). Warns once, saying what was moved. The store's only writer is the sweep that calls this, so no
+    other process appends to it meanwhile.
+    """
+    if not path.exists():
+        return 0
+    good: list[bytes] = []
+    torn: list[bytes] = []
+    for line in path.read_bytes().split(b"\n"):
+        if line.strip():
+            (good if _is_record(line) else torn).append(line)
+    if not torn:
+        return 0
+    side = path.with_name(path.name + ".torn")
+    with open(side, "ab") as fh:
+        fh.write(b"".join(line + b"\n" for line in torn))
+        fh.flush()
+        os.fsync(fh.fileno())
+    write_atomic(path, b"".join(line + b"\n" for line in good))
+    warnings.warn(f"{path}: moved {len(torn)} malformed line(s), left by an interrupted write, to {side}",
+                  stacklevel=2)
+    return len(torn)

@@ -66,12 +66,14 @@ def page(title: str, body: str, *, extra_style: str = "", script: str = "") -> s
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    """Write a file so that readers never see a partial one (temp file + rename)."""
+    """Write a file so that readers never see a partial one (temp file, made durable, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(content.encode("utf-8") if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
