@@ -29,6 +29,8 @@ import torch
 from transformers import DynamicCache
 
 from headwise.api import make_cache
+from headwise.checks import check_output_file
+from headwise.errors import run_cli
 from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
 from headwise.models import load_model
@@ -93,6 +95,7 @@ def main() -> None:
         print(json.dumps(one_memory_run(args.model, args.tokens, cache_name, int(chunk) or None)))
         return
 
+    check_output_file(args.out)
     lm = load_model(args.model)
     ids = prompt_ids(lm, args.tokens)
     report: dict = {
@@ -137,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "measure_cache.py"))

@@ -8,11 +8,13 @@ Both passes compute only the last position's logits; ``PeakRSS`` samples the pro
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 from headwise.capture import CaptureSettings, capture
+from headwise.errors import run_cli
 from headwise.memory import PeakRSS
 from headwise.models import load_model
 from headwise.profile.data import prose_ids
@@ -44,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, "profile_memory.py"))

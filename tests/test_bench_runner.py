@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,56 @@ def test_plan_cells_refuses_bad_input(kwargs, match):
                           n_samples=1, seed=0)
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"options": {"tova": {"window": "8"}}}, "tova, which are not in the methods run"),
+    ({"options": {"snapk": {"window": "8"}}}, "snapk, which are not in the methods run"),
+    ({"options": {"full": {"window": "8"}}}, "'full' is the uncompressed baseline"),
+    ({"methods": ["full", "snapkv"], "options": {"full": {"sinks": "2"}}}, "'full' is the uncompressed baseline"),
+    ({"options": {"snapkv": {"windw": "8"}}}, "unknown option.*windw"),
+    ({"options": {"snapkv": {"window": "wide"}}}, "expected a int"),
+    ({"options": {"snapkv": {"window": "-3"}}}, "must be >= 0"),
+    ({"options": {"snapkv": {"schedule": "foo"}}}, "unknown schedule"),
+    ({"options": {"snapkv": {"slope": "-7", "schedule": "pyramid"}}}, "slope must be"),
+    ({"options": {"snapkv": {"allocation": "greedy"}}}, "unknown allocation"),
+    ({"chunk_size": 0}, "at least 1 token"),
+    ({"chunk_size": -5}, "at least 1 token"),
+])
+def test_plan_cells_checks_every_method_option_and_the_chunk_size(kwargs, match):
+    args = {"methods": ["snapkv"], "options": {}, "chunk_size": None, **kwargs}
+    with pytest.raises(HeadwiseError, match=match):
+        runner.plan_cells("m", args["methods"], [0.5], ["passkey"], [1024], n_samples=1, seed=0,
+                          options=args["options"], chunk_size=args["chunk_size"])
+
+
+def test_bench_refuses_options_for_a_method_it_does_not_run_before_loading(tmp_path, capsys, monkeypatch):
+    import headwise.models
+    from headwise.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # found by name, never loaded
+    monkeypatch.setattr(headwise.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["bench", "--model", str(model), "--out", str(tmp_path / "out"), "--methods", "snapkv"]
+    assert main([*argv, "-o", "tova:window=8"]) == 2
+    assert "tova, which are not in the methods run (snapkv)" in capsys.readouterr().err
+    assert main([*argv, "--chunk-size", "0"]) == 2
+    assert "at least 1 token" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sweep_refuses_a_profile_made_for_another_model_before_any_cell(tmp_path, lm, samples):
+    from conftest import tiny_model
+    from test_headwise_policy import synthetic_profile
+
+    other = tiny_model("qwen3")  # 3 layers x 6 heads; the tiny Llama has 2 x 4
+    profile = synthetic_profile(other, tmp_path, [["mixed", "mixed"]] * 3, [[0.0, 0.0]] * 3)
+    planned = runner.plan_cells("tiny-llama", ["headwise"], [0.5], ["passkey"], [768], n_samples=1, seed=0,
+                                options={"headwise": {"profile": profile}})
+    with pytest.raises(HeadwiseError, match="profile this model"):
+        runner.sweep(lm, planned, lambda t, n: samples[(t, n)], tmp_path / "results.jsonl", progress=False)
+    assert not (tmp_path / "results.jsonl").exists()  # not even the full-cache cell ran
+
+
 def test_store_survives_a_torn_line_and_keeps_the_last_record(tmp_path):
     path = tmp_path / "results.jsonl"
     base = {"library": "headwise", "model": "m", "method": "full", "ratio": 0.0, "task": "t", "length": 1,
@@ -68,6 +119,39 @@ def test_store_survives_a_torn_line_and_keeps_the_last_record(tmp_path):
     with pytest.warns(UserWarning, match="malformed"):
         records = store.read_records(path)
     assert [(r["key"], r["score"]) for r in records] == [("c", 1.0), ("a", 0.25)]
+
+
+RECORD = {"library": "headwise", "model": "m", "method": "full", "ratio": 0.0, "task": "t", "length": 1,
+          "protocol": "agnostic", "score": 1.0}
+TORN_IN_A_CHARACTER = b'{"key": "b", "output": "caf\xc3'  # a crash after the first byte of "\xe9"
+
+
+def test_a_sweep_moves_torn_lines_out_of_the_store_once(tmp_path, lm):
+    path = tmp_path / "results.jsonl"
+    store.append_record(path, {**RECORD, "key": "a", "output": "line\u2028separator\x85next"})
+    with open(path, "ab") as fh:
+        fh.write(TORN_IN_A_CHARACTER)
+    store.append_record(path, {**RECORD, "key": "c"})
+    with open(path, "ab") as fh:
+        fh.write(b'{"key": "d", "sco')  # torn last line
+    with pytest.warns(UserWarning, match="moved 2 malformed line"):
+        runner.sweep(lm, [], lambda t, n: [], path, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the store is clean: no more warnings
+        records = store.read_records(path)
+    assert [r["key"] for r in records] == ["a", "c"] and records[0]["output"] == "line\u2028separator\x85next"
+    side = tmp_path / "results.jsonl.torn"
+    assert side.read_bytes() == TORN_IN_A_CHARACTER + b'\n{"key": "d", "sco\n'
+    assert store.repair(path) == 0 and side.read_bytes().count(b"\n") == 2  # once only
+
+
+def test_repair_leaves_a_clean_store_untouched(tmp_path):
+    path = tmp_path / "results.jsonl"
+    assert store.repair(path) == 0 and not path.exists()
+    store.append_record(path, {**RECORD, "key": "a"})
+    before = path.stat()
+    assert store.repair(path) == 0
+    assert path.stat().st_ino == before.st_ino and not (tmp_path / "results.jsonl.torn").exists()
 
 
 @pytest.mark.parametrize("protocol", runner.PROTOCOLS)

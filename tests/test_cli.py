@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
-from headwise import models
-from headwise.cli import main
+from headwise import registry
+from headwise.cli import build_parser, main, read_prompt
 from headwise.errors import HeadwiseError
 from headwise.generation import check_length
-from headwise.models import ModelSpec
+from headwise.registry import ModelSpec
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -26,7 +28,7 @@ def test_unknown_model_lists_the_known_ones(capsys):
 def test_model_package_not_installed_says_the_install_command(capsys, monkeypatch):
     spec = ModelSpec("ghost-1b", "a model whose package is absent", "ghost_pkg_absent", "pip install ghost-pkg",
                      lambda: None, True)
-    monkeypatch.setitem(models.REGISTRY, "ghost-1b", spec)
+    monkeypatch.setitem(registry.REGISTRY, "ghost-1b", spec)
     code, _, err = run(capsys, "generate", "--model", "ghost-1b", "hi")
     assert code == 2 and "not installed" in err and "pip install ghost-pkg" in err
 
@@ -43,13 +45,46 @@ def test_empty_prompt_and_unreadable_file(capsys, tmp_path):
 def test_bad_compression_arguments_are_refused_before_loading(capsys):
     assert "ratio must be in [0, 1)" in run(capsys, "generate", "--policy", "snapkv", "--ratio", "1.5", "hi")[2]
     assert "unknown policy" in run(capsys, "generate", "--policy", "zip", "--ratio", "0.5", "hi")[2]
-    assert "--chunk-size must be" in run(capsys, "generate", "--chunk-size", "-3", "hi")[2]
+    for size in ("-3", "0"):
+        assert "--chunk-size) must be at least 1 token" in run(capsys, "generate", "--chunk-size", size, "hi")[2]
 
 
-def test_prompt_longer_than_context_is_refused_or_truncated_on_request():
+@pytest.mark.parametrize("argv", [
+    ["--ratio", "0.5"], ["-o", "window=8"], ["--budget", "64"], ["--mode", "decode"], ["--mode", "prefill"],
+    ["--profile", "p.json"],
+])
+def test_compression_arguments_without_a_policy_are_refused(capsys, argv):
+    code, _, err = run(capsys, "generate", *argv, "hi")
+    assert code == 2 and f"without --policy, {argv[0].replace('-o', '--option')} would be ignored" in err
+
+
+def test_the_full_policy_takes_no_ratio_budget_or_options(capsys):
+    for argv in (["--ratio", "0.5"], ["--budget", "8"], ["-o", "window=8"]):
+        code, _, err = run(capsys, "generate", "--policy", "full", *argv, "hi")
+        assert code == 2 and "policy 'full' keeps the whole cache" in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--temperature", "nan"), ("--temperature", "inf"),
+                                             ("--temperature", "-1"), ("--top-p", "nan"), ("--top-p", "inf")])
+def test_sampling_settings_must_be_finite(capsys, flag, value):
+    code, _, err = run(capsys, "generate", flag, value, "hi")
+    assert code == 2 and err.count("\n") == 1 and flag.lstrip("-") in err
+
+
+def test_stdin_that_is_not_utf8_is_refused(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 \xff"), encoding="utf-8"))
+    code, _, err = run(capsys, "generate", "-")
+    assert code == 2 and "cannot read the prompt from stdin: it is not UTF-8 text" in err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO("café".encode()), encoding="utf-8"))
+    assert read_prompt(build_parser().parse_args(["generate", "-"])) == "café"
+
+
+def test_prompt_longer_than_context_is_refused():
     with pytest.raises(HeadwiseError, match="--truncate"):
-        check_length(list(range(100)), context_length=64, max_new_tokens=8, truncate=False)
-    assert check_length(list(range(100)), context_length=64, max_new_tokens=8, truncate=True) == list(range(44, 100))
+        check_length(list(range(100)), context_length=64, max_new_tokens=8)
+    check_length(list(range(56)), context_length=64, max_new_tokens=8)
+    with pytest.raises(HeadwiseError, match="below the context length"):
+        check_length([1], context_length=64, max_new_tokens=64)
 
 
 def test_models_lists_both_registry_models(capsys):

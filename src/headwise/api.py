@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 import headwise.attention  # registers the "headwise" attention function
-from headwise.budgets import keep_count
+from headwise.budgets import check_prompt
 from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES, make_policy
@@ -73,7 +73,11 @@ def make_plan(
     prompt_length: int | None = None,
     options: list[str] | dict[str, Any] | None = None,
 ) -> Plan:
-    """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed)."""
+    """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed).
+
+    With ``prompt_length``, the plan is also checked against the prompt (:func:`headwise.budgets.check_prompt`).
+    A policy that does not compress (``full``) takes no ratio above 0, no budget and no options.
+    """
     opts = parse_options(options)
     plan_defaults = {f.name: f.default for f in dataclasses.fields(Plan) if f.name in PLAN_OPTIONS}
     plan_opts = {k: _convert(opts.pop(k), plan_defaults[k], k) for k in list(opts) if k in plan_defaults}
@@ -85,18 +89,17 @@ def make_plan(
         pol = make_policy(policy, policy_opts)
     except HeadwiseError as exc:
         raise HeadwiseError(f"{exc} (plan options: {', '.join(PLAN_OPTIONS)})") from exc
+    if not pol.compresses and (ratio or budget is not None or policy_opts or plan_opts):
+        raise HeadwiseError(f"policy '{policy}' keeps the whole cache: it takes no ratio, budget or options")
     if ratio is None and budget is None and not pol.compresses:
         ratio = 0.0
     plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, **plan_opts)
-    if prompt_length is not None and pol.compresses:
-        if budget is not None and budget > prompt_length:
-            raise HeadwiseError(f"budget {budget} is larger than the prompt ({prompt_length} tokens)")
-        kept = keep_count(prompt_length, ratio=ratio) if ratio is not None else None
-        if ratio and kept is not None and kept < pol.min_budget():
-            raise HeadwiseError(
-                f"ratio {ratio} keeps {kept} of {prompt_length} tokens, below the minimum of policy '{policy}' "
-                f"({pol.min_budget()} tokens: sinks + window)"
-            )
+    for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
+                                ("floor", "allocation=adaptive", plan.allocation == "adaptive")):
+        if key in plan_opts and not applies:
+            raise HeadwiseError(f"option {key} applies only with {needs}")
+    if prompt_length is not None:
+        check_prompt(plan, prompt_length)
     return plan
 
 

@@ -4,14 +4,21 @@
 * :func:`layer_fractions`: per-layer multipliers of the average budget (uniform, or a PyramidKV-style
   linear decrease with depth), averaging to 1;
 * :func:`adaptive_counts`: AdaKV-style split of one layer's budget across its heads, by one top-k over all
-  heads' scores with a floor per head.
+  heads' scores with a floor per head;
+* :func:`check_schedule` and :func:`check_prompt`: the plan's layer schedule, and a prompt against the plan.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+
+from headwise.errors import HeadwiseError
+
+if TYPE_CHECKING:
+    from headwise.cache import Plan
 
 SCHEDULES = ("uniform", "pyramid")
 ALLOCATIONS = ("uniform", "adaptive")
@@ -33,12 +40,9 @@ def layer_fractions(num_layers: int, schedule: str = "uniform", slope: float = 0
     ``pyramid`` (Cai et al., "PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information
     Funneling", 2024) decreases linearly from ``1 + slope`` at the first layer to ``1 - slope`` at the last.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+    check_schedule(schedule, slope)
     if schedule == "uniform" or num_layers == 1:
         return [1.0] * num_layers
-    if not 0 <= slope < 1:
-        raise ValueError(f"pyramid slope must be in [0, 1), got {slope}")
     return [1.0 + slope * (1.0 - 2.0 * i / (num_layers - 1)) for i in range(num_layers)]
 
 
@@ -92,3 +96,36 @@ def _even_split(sizes: list[int], total: int) -> list[int]:
 def floor_tokens(layer_budget: int, floor_fraction: float) -> int:
     """AdaKV's per-head floor: a fraction of the head's uniform share, rounded up."""
     return math.ceil(layer_budget * floor_fraction)
+
+
+def check_schedule(schedule: str, slope: float) -> None:
+    """Refuse an unknown layer schedule, or a pyramid slope outside [0, 1) (NaN included)."""
+    if schedule not in SCHEDULES:
+        raise HeadwiseError(f"unknown schedule '{schedule}'; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= slope < 1:
+        raise HeadwiseError(f"slope must be in [0, 1), got {slope}")
+
+
+def check_prompt(plan: Plan, prompt_length: int) -> None:
+    """Refuse a prompt of ``prompt_length`` tokens that ``plan`` cannot compress as asked.
+
+    Two cases: in ``prefill`` mode a token budget larger than the prompt (nothing would be compressed; in
+    ``decode`` mode the cache grows into its budget while generating), and a ratio that keeps
+    fewer tokens than the policy's minimum (sinks + window), which the cache would keep instead, silently
+    missing the ratio. Give the length of the whole prompt, before it is prefilled
+    (:func:`headwise.api.make_plan` with ``prompt_length`` does). The chunks of a chunked prefill are not
+    checked one by one: while fewer tokens than ``min_budget / (1 - ratio)`` have been seen, a layer keeps the
+    policy's minimum, and the ratio holds again from there on.
+    """
+    policy = plan.policy
+    if not policy.compresses:
+        return
+    if plan.budget is not None and plan.budget > prompt_length and plan.mode == "prefill":
+        raise HeadwiseError(f"budget {plan.budget} is larger than the prompt ({prompt_length} tokens)")
+    if plan.ratio:
+        kept = keep_count(prompt_length, ratio=plan.ratio)
+        if kept < policy.min_budget():
+            raise HeadwiseError(
+                f"ratio {plan.ratio} keeps {kept} of {prompt_length} tokens, below the minimum of policy "
+                f"'{policy.name}' ({policy.min_budget()} tokens: sinks + window)"
+            )

@@ -12,29 +12,38 @@ from pathlib import Path
 
 from headwise import __version__
 from headwise.bench.cli import add_bench
-from headwise.errors import HeadwiseError
-from headwise.models import DEFAULT_MODEL, REGISTRY
+from headwise.checks import add_threads_option
+from headwise.errors import HeadwiseError, run_cli
 from headwise.profile.cli import add_profile
+from headwise.registry import DEFAULT_MODEL, REGISTRY
+
+
+def _utf8(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HeadwiseError(f"cannot read the prompt from {source}: it is not UTF-8 text ({exc})") from exc
 
 
 def read_prompt(args: argparse.Namespace) -> str:
-    """The prompt from the positional argument, ``--file`` or stdin (``-``)."""
+    """The prompt from the positional argument, ``--file`` or stdin (``-``), as UTF-8 text."""
     if args.file is not None and args.prompt is not None:
         raise HeadwiseError("give the prompt either as an argument or with --file, not both")
     if args.file is not None:
         try:
-            return Path(args.file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            data = Path(args.file).read_bytes()
+        except OSError as exc:
             raise HeadwiseError(f"cannot read prompt file '{args.file}': {exc}") from exc
+        return _utf8(data, f"file '{args.file}'")
     if args.prompt is None or args.prompt == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise HeadwiseError("no prompt: pass it as an argument, with --file, or on stdin")
-        return sys.stdin.read()
+        return _utf8(sys.stdin.buffer.read(), "stdin")
     return args.prompt
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from headwise.models import describe
+    from headwise.registry import describe
 
     for name in REGISTRY:
         spec, installed, info = describe(name)
@@ -47,37 +56,54 @@ def cmd_models(args: argparse.Namespace) -> None:
             print(f"  not installed: {spec.install}")
 
 
+#: generate's arguments that only mean something with --policy (argparse dest names).
+NEEDS_POLICY = ("ratio", "budget", "mode", "profile", "option")
+
+
+def check_needs_policy(args: argparse.Namespace) -> None:
+    """Refuse compression arguments given without ``--policy``: they would be ignored."""
+    given = [f"--{name}" for name in NEEDS_POLICY if getattr(args, name) not in (None, [])]
+    if args.policy is None and given:
+        raise HeadwiseError(
+            f"without --policy, {', '.join(given)} would be ignored: add --policy (see `headwise policies`)"
+        )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from headwise.generation import Sampling, build_prompt, check_length, generate
+    from headwise.checks import check_chunk_size, set_threads
+    from headwise.generation import Sampling, build_prompt, check_length, generate, prompt_room
     from headwise.models import load_model
 
     text = read_prompt(args)
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.max_new_tokens < 1:
         raise HeadwiseError("--max-new-tokens must be at least 1")
-    if args.chunk_size is not None and args.chunk_size < 1:
-        raise HeadwiseError("--chunk-size must be at least 1")
+    check_chunk_size(args.chunk_size)
+    check_needs_policy(args)
+    set_threads(args.threads)
+    mode = args.mode or "prefill"
     options = [*args.option, f"profile={args.profile}"] if args.profile else args.option
     if args.policy is not None:  # refuse bad compression arguments before the model loads
         from headwise.api import make_plan
 
-        make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode, options=options)
+        make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=mode, options=options)
     lm = load_model(args.model)
-    ids = build_prompt(lm, text, chat=False if args.no_chat else None)
-    ids = check_length(ids, lm.info.context_length, args.max_new_tokens, truncate=args.truncate)
+    room = prompt_room(lm.info.context_length, args.max_new_tokens)
+    ids = build_prompt(lm, text, chat=False if args.no_chat else None, max_tokens=room if args.truncate else None)
+    check_length(ids, lm.info.context_length, args.max_new_tokens)
     cache = None
     policy_note = "full cache"
     if args.policy is not None:
         from headwise.api import make_cache
 
         cache = make_cache(
-            lm.model, args.policy, ratio=args.ratio, budget=args.budget, mode=args.mode,
+            lm.model, args.policy, ratio=args.ratio, budget=args.budget, mode=mode,
             prompt_length=len(ids), options=options,
         )
         policy_note = cache.describe()
     result = generate(
         lm, ids, max_new_tokens=args.max_new_tokens, sampling=sampling, cache=cache,
-        chunk_size=args.chunk_size,
+        chunk_size=args.chunk_size, progress=not args.no_progress,
         on_token=lambda t: print(lm.tokenizer.decode([t], skip_special_tokens=True), end="", flush=True),
     )
     print()
@@ -113,16 +139,19 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--truncate", action="store_true", help="keep the last tokens of a prompt that is too long")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut the start of a prompt text that is too long (the chat template stays whole)")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill in chunks of this many tokens")
     p.add_argument("--policy", default=None, help="compression policy (see `headwise policies`)")
     p.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's KV cache to remove, in [0, 1)")
     p.add_argument("--budget", type=int, default=None, help="KV tokens to keep per head (instead of --ratio)")
-    p.add_argument("--mode", default="prefill", choices=["prefill", "decode"],
-                   help="compress after each prefill chunk, or also keep the budget while decoding")
+    p.add_argument("--mode", default=None, choices=["prefill", "decode"],
+                   help="compress after each prefill chunk (prefill, default), or also keep the budget while decoding")
     p.add_argument("--profile", default=None, help="head profile for --policy headwise (from `headwise profile`)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="policy or plan option, e.g. -o window=64 -o schedule=pyramid")
+    add_threads_option(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while the prompt is prefilled")
     p.set_defaults(func=cmd_generate)
 
 
@@ -149,14 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except HeadwiseError as exc:
-        print(f"headwise: error: {exc}", file=sys.stderr)
-        return 2
+        return run_cli(lambda: args.func(args), "headwise")
     except KeyboardInterrupt:
         print("headwise: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from headwise.report.html import write_atomic
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -160,12 +161,7 @@ def _source_stamp(path: Path) -> dict:
 
 def remember_info(info: ModelInfo, source: Path) -> None:
     """Keep ``info`` as the facts of ``source`` (a GGUF file or a config.json), written atomically."""
-    target = _info_file(info.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{info.name}-", suffix=".tmp", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump({**_source_stamp(source), "info": dataclasses.asdict(info)}, fh)
-    os.replace(tmp, target)
+    write_atomic(_info_file(info.name), json.dumps({**_source_stamp(source), "info": dataclasses.asdict(info)}))
 
 
 def _remembered_info(name: str, source: Path) -> ModelInfo | None:

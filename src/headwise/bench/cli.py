@@ -10,8 +10,9 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from headwise.checks import add_threads_option, check_output_dir, check_output_file, set_threads
 from headwise.errors import HeadwiseError
-from headwise.models import DEFAULT_MODEL
+from headwise.registry import DEFAULT_MODEL
 
 PRESET = {
     "methods": "streaming_llm,snapkv,tova",
@@ -62,6 +63,10 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
     from headwise.bench import runner, tasks
     from headwise.models import load_model, resolve
 
+    set_threads(args.threads)
+
+    check_output_dir(out / "tasks")
+    check_output_file(out / RESULTS)
     methods = split_list(args.methods, what="method")
     check_methods(methods)
     lengths = split_list(args.lengths, int, "length")
@@ -75,12 +80,6 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
     )
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HeadwiseError(f"--threads must be at least 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     lm = load_model(args.model)
     too_long = [n for n in lengths if n > lm.info.context_length]
     if too_long:
@@ -126,7 +125,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         terminal_table,
     )
 
-    out = Path(args.out)
+    out = check_output_dir(Path(args.out))
     if not args.report_only:
         run_sweep(args, out)
         if args.tasks_only:
@@ -163,11 +162,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware", "both"],
                    help="compress the context before the question (agnostic, default) or with it (aware)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="a policy or plan option for one method, e.g. -o snapkv:window=32")
+                   help="a policy or plan option for one method of --methods, e.g. -o snapkv:window=32")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill the context in chunks of this many tokens")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice); 1 is far faster on a machine shared with "
-                   "other jobs, where 2-thread decoding stalls on oversubscribed cores")
+    add_threads_option(p)
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
     p.add_argument("--report-only", action="store_true", help="rebuild the table and report from the results store")
     p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")

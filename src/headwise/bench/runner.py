@@ -36,10 +36,11 @@ import torch
 from transformers import Cache
 
 import headwise
-from headwise.api import make_cache
+from headwise.api import make_cache, make_plan
 from headwise.bench.scoring import score
-from headwise.bench.store import append_record, completed_keys
+from headwise.bench.store import append_record, completed_keys, repair
 from headwise.bench.tasks import SEPARATOR, Sample
+from headwise.checks import check_chunk_size
 from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, build_prompt, cache_bytes, decode, prefill, stop_token_ids
 from headwise.memory import PeakRSS
@@ -71,6 +72,22 @@ class Cell:
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
+def check_method_options(methods: Sequence[str], ratios: Sequence[float], options: dict[str, dict]) -> None:
+    """Refuse options for a method that is not run (or is the ``full`` baseline, which takes none), and build
+    each compressing method's plan at every ratio so that a bad option fails now, not mid-sweep."""
+    if options.get(FULL):
+        raise HeadwiseError(f"method '{FULL}' is the uncompressed baseline: it takes no options")
+    stray = sorted(set(options) - set(methods) - {FULL})
+    if stray:
+        raise HeadwiseError(
+            f"options given for method(s) {', '.join(stray)}, which are not in the methods run ({', '.join(methods)})"
+        )
+    for method in methods:
+        for ratio in ratios:
+            if method != FULL:
+                make_plan(method, ratio=ratio, options=options.get(method, {}))
+
+
 def plan_cells(
     model: str,
     methods: Sequence[str],
@@ -84,7 +101,11 @@ def plan_cells(
     options: dict[str, dict] | None = None,
     chunk_size: int | None = None,
 ) -> list[Cell]:
-    """The cells of a sweep: per task and length, the full-cache baseline then every method x ratio x protocol."""
+    """The cells of a sweep: per task and length, the full-cache baseline then every method x ratio x protocol.
+
+    Everything is checked first, with no model: protocols, ratios, the chunk size, and each method's options
+    (by building its plan at every ratio); options for a method that is not run are refused.
+    """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
         raise HeadwiseError(f"unknown protocol(s) {unknown}: use {', '.join(PROTOCOLS)}")
@@ -93,7 +114,9 @@ def plan_cells(
         raise HeadwiseError(f"ratios must lie in [0, 1), got {bad}")
     if n_samples < 1:
         raise HeadwiseError(f"the number of samples must be at least 1, got {n_samples}")
+    check_chunk_size(chunk_size)
     options = options or {}
+    check_method_options(methods, ratios, options)
     common = dict(model=model, n_samples=n_samples, seed=seed, chunk_size=chunk_size)
     cells = []
     for task in tasks:
@@ -129,9 +152,20 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
     return head, list(tok(SEPARATOR + sample.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
 
 
-def new_cache(lm: LoadedModel, cell: Cell, prompt_length: int) -> Cache:
+def new_cache(lm: LoadedModel, cell: Cell, prompt_length: int | None) -> Cache:
     """The headwise cache for a cell (``full`` is headwise's uncompressed path, so every method shares it)."""
     return make_cache(lm.model, cell.method, ratio=cell.ratio, prompt_length=prompt_length, options=cell.options)
+
+
+def check_fit(lm: LoadedModel, cells: Iterable[Cell]) -> None:
+    """Build one cache per method and options of ``cells``, so that a method that does not fit the model (a
+    head profile made for another model) is refused before any cell runs."""
+    built: set[tuple[str, str]] = set()
+    for cell in cells:
+        key = (cell.method, json.dumps(cell.options, sort_keys=True))
+        if key not in built:
+            built.add(key)
+            new_cache(lm, cell, None)
 
 
 def _seal(cache: Cache) -> None:
@@ -238,12 +272,15 @@ def sweep(
     """Run the cells not yet in ``store``, appending each record as soon as it is done; return the new records.
 
     ``samples_for(task, length)`` gives a cell's samples. Interrupt at any time: re-running the same sweep
-    runs only what is missing.
+    runs only what is missing. First the store's torn lines are moved aside (:func:`headwise.bench.store.repair`)
+    and one cache per method is built, so a method that does not fit the model fails before any cell runs.
     """
     from tqdm.auto import tqdm
 
+    repair(store)
     done = completed_keys(store)
     todo = [c for c in cells if c.key() not in done]
+    check_fit(lm, todo)
     meta = provenance()
     records = []
     bar = tqdm(todo, desc="bench", unit="cell", disable=not progress)

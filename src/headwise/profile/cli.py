@@ -7,11 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from headwise.models import DEFAULT_MODEL
+from headwise.checks import add_threads_option
+from headwise.registry import DEFAULT_MODEL
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from headwise.capture.stats import CaptureSettings
+    from headwise.checks import check_output_dir, set_threads
     from headwise.errors import HeadwiseError
     from headwise.models import load_model
     from headwise.profile.metrics import ROLES
@@ -24,10 +26,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--windows takes comma-separated integers, got '{args.windows}'") from None
     settings = ProfileSettings(length=args.length, repeat_length=min(args.length, 1024), runs=args.runs, seed=args.seed,
                                capture=CaptureSettings(windows=windows))
+    out = check_output_dir(Path(args.out))
     start = time.perf_counter()
+    set_threads(args.threads)
     lm = load_model(args.model)
     result = profile_model(lm, settings, progress=not args.quiet)
-    paths = write_outputs(result, Path(args.out))
+    paths = write_outputs(result, out)
     profile = result.profile
     counts = {role: sum(r == role for row in profile.roles for r in row) for role in ROLES}
     runs = profile.retrieval_runs
@@ -48,4 +52,5 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
                         "the window that decides the 'local' role (default 16,64,256,1024)")
     p.add_argument("--out", "-o", default="profile", help="output folder (default ./profile)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_threads_option(p)
     p.set_defaults(func=cmd_profile)
