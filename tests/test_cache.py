@@ -370,6 +370,7 @@ def test_pyramid_schedule_shrinks_with_depth_and_meets_the_budget():
 def test_chunked_prefill_holds_budget_plus_one_chunk():
     model = tiny_model("llama")
     cache = make_cache(model, "snapkv", budget=30, options={"window": 8})
+    cache.check_prompt(120)  # chunks by hand: the first forward is not the whole prompt
     stored = []
     for start in range(0, 120, 20):
         chunk = ids(120, seed=8)[:, start : start + 20]
@@ -501,3 +502,25 @@ def test_a_headwise_cache_without_headwise_attention_is_refused():
     model.set_attn_implementation("sdpa")
     with pytest.raises(HeadwiseError, match="'headwise' attention"), torch.inference_mode():
         forward(model, cache, ids(10))
+
+
+def test_the_whole_prompt_is_checked_against_the_policy_minimum():
+    model = tiny_model("llama")
+    prompt = ids(81)  # snapkv at ratio 0.75 would keep 20, below its minimum of 32 (sinks + window)
+    with pytest.raises(HeadwiseError, match="keeps 20 of 81 tokens, below the minimum"):
+        prefill(model, prompt, make_cache(model, "snapkv", ratio=0.75))
+    with pytest.raises(HeadwiseError, match="keeps 20 of 81 tokens"):
+        model.generate(prompt, **cache_kwargs(model, make_cache(model, "snapkv", ratio=0.75)), max_new_tokens=2)
+    cache = make_cache(model, "snapkv", ratio=0.75)
+    prefill(model, ids(200), cache, chunk_size=40)  # chunks keep the minimum for a while; the whole prompt is fine
+    assert cache.kept()[0] == [50, 50]
+
+
+def test_in_decode_mode_a_budget_larger_than_the_prompt_is_grown_into():
+    model = tiny_model("llama")
+    cache = make_cache(model, "h2o", budget=16, mode="decode")
+    prefill(model, ids(10), cache)
+    with torch.inference_mode():
+        for token in ids(10, seed=21)[0]:
+            forward(model, cache, token.view(1, 1))
+    assert cache.kept()[0] == [16, 16] and cache.get_seq_length() == 20

@@ -39,7 +39,15 @@ import torch
 import torch.nn.functional as F
 from transformers import Cache, CacheLayerMixin, DynamicCache
 
-from headwise.budgets import ALLOCATIONS, adaptive_counts, floor_tokens, keep_count, layer_fractions
+from headwise.budgets import (
+    ALLOCATIONS,
+    adaptive_counts,
+    check_prompt,
+    check_schedule,
+    floor_tokens,
+    keep_count,
+    layer_fractions,
+)
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
 
@@ -106,6 +114,7 @@ class Plan:
                 raise HeadwiseError(f"unknown {name} '{value}'; use one of {', '.join(allowed)}")
         if not 0 <= self.floor <= 1:
             raise HeadwiseError(f"floor must be in [0, 1], got {self.floor}")
+        check_schedule(self.schedule, self.slope)
         sets_head_budgets = type(self.policy).head_budgets is not Policy.head_budgets
         if sets_head_budgets and (self.schedule, self.allocation) != ("uniform", "uniform"):
             raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
@@ -247,6 +256,7 @@ class CompressedLayer(CacheLayerMixin):
         self.heads: list[_Head] = []
         self.seen = 0
         self.sealed = False
+        self.prompt_checked = False
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -274,6 +284,9 @@ class CompressedLayer(CacheLayerMixin):
             )
         HANDOFF.pending.clear()  # left by an interrupted forward
         b, _, q, _ = key_states.shape
+        if not self.prompt_checked:  # the first forward holds the whole prompt, unless check_prompt came first
+            check_prompt(self.plan, q)
+            self.prompt_checked = True
         positions = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, q)
         for h, head in enumerate(self.heads):
             head.append(key_states[:, h], value_states[:, h], positions)
@@ -307,6 +320,7 @@ class CompressedLayer(CacheLayerMixin):
         self.heads = []
         self.seen = 0
         self.is_initialized = False
+        self.prompt_checked = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for head in self.heads:
@@ -470,6 +484,17 @@ class HeadwiseCache(Cache):
     @property
     def compressed_layers(self) -> list[CompressedLayer]:
         return [layer for layer in self.layers if isinstance(layer, CompressedLayer)]
+
+    def check_prompt(self, prompt_length: int) -> None:
+        """Refuse a prompt of ``prompt_length`` tokens that the plan cannot compress as asked
+        (:func:`headwise.budgets.check_prompt`).
+
+        Call it with the whole prompt's length before prefilling it in chunks (:func:`headwise.generation.prefill`
+        does); otherwise the first forward (``model.generate``'s prefill) is checked as the whole prompt.
+        """
+        check_prompt(self.plan, prompt_length)
+        for layer in self.compressed_layers:
+            layer.prompt_checked = True
 
     def seal(self) -> None:
         """Stop compressing after multi-token forwards (the context is done; questions come next)."""
