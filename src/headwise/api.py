@@ -3,7 +3,10 @@
 Example
 -------
 >>> cache = make_cache(model, "snapkv", ratio=0.75)          # doctest: +SKIP
->>> model.generate(input_ids, past_key_values=cache)          # doctest: +SKIP
+>>> model.generate(input_ids, **cache_kwargs(model, cache))  # doctest: +SKIP
+
+(``cache_kwargs`` is :func:`headwise.compat.cache_kwargs`: ``{"cache": cache}`` from transformers 5.24 on,
+``{"past_key_values": cache}`` before; the name is read from the model's signature.)
 
 Question-agnostic use (one compressed context, several questions): prefill the context with the cache
 (:func:`headwise.generation.prefill`, optionally in chunks), call ``cache.seal()``, then append each
