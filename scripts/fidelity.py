@@ -34,7 +34,7 @@ from headwise.bench.fidelity import add_row, answer_nll, answer_row, format_summ
 from headwise.bench.runner import prompt_parts
 from headwise.bench.store import append_record
 from headwise.bench.tasks import read_samples
-from headwise.checks import check_output_file
+from headwise.checks import check_output_file, set_threads
 from headwise.compat import forward
 from headwise.errors import run_cli
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
@@ -76,7 +76,7 @@ def main() -> None:
     if not (args.tasks and args.methods and args.out):
         p.error("--tasks, --methods and --out are required (or --report FILE...)")
     check_output_file(args.out)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     lm = load_model(args.model)
     samples = [s for f in sorted(args.tasks.glob("*.jsonl")) for s in read_samples(f)]
     ratios = [float(r) for r in args.ratios.split(",")]

@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from headwise.api import make_cache
-from headwise.checks import check_output_file
+from headwise.checks import check_output_file, set_threads
 from headwise.errors import run_cli
 from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
@@ -131,7 +131,7 @@ def main() -> None:
         print(f"peak above model: {cache_name:12s} chunk {chunk or 'none':>5}: {peak_mib:8.1f} MiB "
               f"(KV after: {kv_mib:.1f} MiB)")
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     report["prefill_seconds"] = time_prefills(lm, ids, ["dynamic", "full", "snapkv@0.5", "knorm@0.5"], args.repeats)
     for name, seconds in report["prefill_seconds"].items():
         print(f"prefill {name:12s}: {seconds:.2f} s")

@@ -199,15 +199,18 @@ def layer_progress(model: torch.nn.Module, forwards: int, desc: str, *, enabled:
 
     The layers are found through ``model.get_decoder().layers`` and counted with forward hooks (public torch
     API; removed on exit). A model without that layout advances once per forward, through the callable
-    this yields, which is to be called after each forward.
+    this yields, which is to be called after each forward. Disabled, it adds nothing to the forward.
     """
+    if not enabled:
+        yield lambda: None
+        return
     from tqdm.auto import tqdm
 
     get_decoder = getattr(model, "get_decoder", None)
     layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
-    per_forward = len(layers) if isinstance(layers, torch.nn.ModuleList) and enabled else 0
+    per_forward = len(layers) if isinstance(layers, torch.nn.ModuleList) else 0
     bar = tqdm(total=forwards * max(per_forward, 1), desc=desc, unit="layer" if per_forward else "forward",
-               disable=not enabled, mininterval=0)  # a few dozen layers per forward: show every one
+               mininterval=0)  # a few dozen layers per forward: show every one
 
     def advance(*_: object) -> None:  # a forward hook that returned a value would replace the layer's output
         bar.update(1)

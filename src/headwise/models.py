@@ -109,7 +109,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, verbose: bool = False) -> L
             if not from_cache:
                 _dequantize_to_cache(name, path, folder)
             model, tokenizer = _load_folder(folder)
-            remember_info(ModelInfo.from_config(name, model.config), folder / "config.json")
+            if not from_cache:  # the facts of the new folder, for `headwise models`
+                remember_info(ModelInfo.from_config(name, model.config), folder / "config.json")
         else:
             model, tokenizer = _load_folder(path)
     except (OSError, ValueError) as exc:
