@@ -283,6 +283,14 @@ class CompressedLayer(CacheLayerMixin):
                 "headwise.api.make_cache(model, ...) or call model.set_attn_implementation('headwise')"
             )
         HANDOFF.pending.clear()  # left by an interrupted forward
+        self._store(key_states, value_states)
+        HANDOFF.pending[self.layer_idx] = self
+        b, h, _, d = key_states.shape
+        nothing = key_states.new_empty(b, h, 0, d)
+        return nothing, nothing
+
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append new tokens [B, H, q, d] to every head, at the positions after the ``seen`` ones."""
         b, _, q, _ = key_states.shape
         if not self.prompt_checked:  # the first forward holds the whole prompt, unless check_prompt came first
             check_prompt(self.plan, q)
@@ -291,9 +299,27 @@ class CompressedLayer(CacheLayerMixin):
         for h, head in enumerate(self.heads):
             head.append(key_states[:, h], value_states[:, h], positions)
         self.seen += q
-        HANDOFF.pending[self.layer_idx] = self
-        nothing = key_states.new_empty(b, len(self.heads), 0, key_states.shape[-1])
-        return nothing, nothing
+
+    def absorb(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        query: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+    ) -> None:
+        """Take one forward's keys and values [B, H, q, d] as :meth:`update` would, then let ``query``
+        [B, Hq, q, d] (with the forward's ``attention_mask``) feed the policy and compress, as :meth:`attend`
+        would, without computing the attention output.
+
+        This builds a compressed layer from dense tensors captured once (:mod:`headwise.dense`): for a
+        single-forward prefill the kept tokens depend only on these tensors, so one dense forward can feed
+        every policy and ratio.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._store(key_states, value_states)
+        self._feed_policy(query, attention_mask, scaling)
 
     def get_seq_length(self) -> int:
         """Logical length: every token seen, kept or not (positions of new tokens follow it)."""
@@ -380,9 +406,7 @@ class CompressedLayer(CacheLayerMixin):
         """
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
-        compressing = self._compressing(q)
         outputs = []
-        valid = []
         for h, head in enumerate(self.heads):
             q_h = query[:, h * group : (h + 1) * group]
             # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
@@ -395,15 +419,24 @@ class CompressedLayer(CacheLayerMixin):
                     enable_gqa=True,
                 )
             )
-            needed = head.policy.queries_needed() if compressing else 0
-            if needed != 0:
-                self._observe(head, q_h, attention_mask, scaling, needed)
-            if compressing:
-                last = self._allowed(head, attention_mask, q, slice(q - 1, q))
-                valid.append(last[:, 0, -1, :] if last is not None else None)
-        if compressing:
-            self._compress(valid)
+        self._feed_policy(query, attention_mask, scaling)
         return torch.cat(outputs, dim=1).transpose(1, 2)
+
+    def _feed_policy(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> None:
+        """After a forward's attention: give each head's policy the attention rows it needs, then compress
+        (only while compressing: see :meth:`_compressing`)."""
+        _, hq, q, _ = query.shape
+        if not self._compressing(q):
+            return
+        group = hq // len(self.heads)
+        valid = []
+        for h, head in enumerate(self.heads):
+            needed = head.policy.queries_needed()
+            if needed != 0:
+                self._observe(head, query[:, h * group : (h + 1) * group], attention_mask, scaling, needed)
+            last = self._allowed(head, attention_mask, q, slice(q - 1, q))
+            valid.append(last[:, 0, -1, :] if last is not None else None)
+        self._compress(valid)
 
     def _observe(
         self, head: _Head, q_h: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float, needed: int | None
