@@ -53,10 +53,10 @@ def reference_scores(name: str, keys, attn, positions, **opts) -> torch.Tensor:
                     ref[b, h, j] = s
             elif name == "tova":
                 ref[b, h] = attn[b, h, Q - 1]
-            elif name == "snapkv":
+            elif name == "snapkv":  # pooled over the prefix only; the observation window is always kept
                 w, k = opts["window"], opts["kernel"]
-                mean = [sum(float(attn[b, h, i, j]) for i in range(Q - w, Q)) / w for j in range(N)]
-                ref[b, h] = torch.tensor(naive_pool(mean, k))
+                mean = [sum(float(attn[b, h, i, j]) for i in range(Q - w, Q)) / w for j in range(N - w)]
+                ref[b, h] = torch.tensor(naive_pool(mean, k) + [math.inf] * w)
     return ref
 
 
@@ -81,6 +81,18 @@ def test_score_matches_naive_reference(name, opts):
         state = policy.accumulate(state, rows)
     got = policy.score(keys, values, state, positions)
     torch.testing.assert_close(got, reference_scores(name, keys, attn, positions, **opts), rtol=1e-5, atol=1e-6)
+
+
+def test_snapkv_prefix_scores_ignore_the_attention_paid_to_the_window():
+    """The window's queries vote for the prefix only: what they pay to the window's own tokens changes nothing."""
+    keys, values, attn, positions = random_inputs(2)
+    policy = make_policy("snapkv", {"window": 3, "kernel": 5})
+    louder = attn.clone()
+    louder[..., N - 3 :] *= 10
+    got = [policy.score(keys, values, policy.accumulate(torch.zeros(B, H, N), a[:, :, -3:]), positions) for a in
+           (attn, louder)]
+    torch.testing.assert_close(got[0][..., : N - 3], got[1][..., : N - 3])
+    assert torch.isinf(got[0][..., N - 3 :]).all()
 
 
 @pytest.mark.parametrize("name", ["h2o", "a2sf"])

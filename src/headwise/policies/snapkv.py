@@ -1,4 +1,4 @@
-"""SnapKV: attention from an observation window of the latest queries, pooled.
+"""SnapKV: attention from an observation window of the latest queries, pooled over the prefix.
 
 Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024.
 """
@@ -18,8 +18,10 @@ from headwise.policies.base import Policy
 class SnapKV(Policy):
     """Score = attention of the last ``window`` queries, averaged, smoothed by 1-D average pooling.
 
-    The observation window itself is always kept. In question-agnostic use the window is the end of the
-    context, not the question.
+    As in the paper, the window's queries vote only for the prefix (the tokens before the window): the pooling
+    runs over the prefix alone, so the window's attention to itself never raises the scores of the prefix
+    tokens next to it, and the window itself is always kept (its score is +inf). In question-agnostic use the
+    window is the end of the context, not the question.
 
     Parameters
     ----------
@@ -48,6 +50,10 @@ class SnapKV(Policy):
         self, keys: torch.Tensor, values: torch.Tensor, state: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         b, h, n = state.shape
-        pooled = F.avg_pool1d(state.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2,
-                              count_include_pad=False)
-        return pooled.reshape(b, h, n)
+        prefix = max(0, n - self.window)
+        scores = torch.full_like(state, float("inf"))
+        if prefix:
+            pooled = F.avg_pool1d(state[..., :prefix].reshape(b * h, 1, prefix), self.kernel, stride=1,
+                                  padding=self.kernel // 2, count_include_pad=False)
+            scores[..., :prefix] = pooled.reshape(b, h, prefix)
+        return scores
