@@ -1,4 +1,5 @@
-"""Benchmark report: self-contained HTML with embedded plots, tables, escaped text; the CLI around it."""
+"""Benchmark report from part records: the gate, headline means (hand-computed), paired verdicts, per-task and
+cost tables, self-contained HTML, Markdown, peers through the CLI."""
 
 from __future__ import annotations
 
@@ -10,147 +11,288 @@ import pytest
 from headwise.bench import store
 from headwise.bench.store import append_record
 from headwise.cli import main
+from headwise.errors import HeadwiseError
 from headwise.report.bench_report import (
     PLOTS,
+    analyse,
     build_report,
+    compare,
+    cost_rows,
     harmonize,
+    markdown_report,
     markdown_table,
-    score_grid,
-    summary,
+    per_task_table,
+    sweep_rows,
     terminal_table,
 )
 
+LENGTH = 2048
+TASKS = ("passkey", "qa", "vartrack")
+CONTEXTS = 8
+QUESTIONS = 3
 
-def record(library: str, method: str, ratio: float, task: str, length: int, score: float, **extra) -> dict:
+
+def part(
+    library: str,
+    method: str,
+    ratio: float,
+    task: str,
+    context: int,
+    scores: list[float],
+    *,
+    seed: int = 0,
+    nll_gap: float = 0.0,
+    calibration: bool = False,
+) -> dict:
+    """One cell on one context, with one answer per score (question ``q<i>``)."""
+    context_id = f"{task}-{LENGTH}-s{seed}-c{context}"
+    samples = [
+        {
+            "id": f"{context_id}-q{i}",
+            "context_id": context_id,
+            "depth": 0.5,
+            "needle_depth": 0.5,
+            "score": s,
+            "output": "x",
+            "answer_ids": [1],
+            "answers": ["x"],
+            "prompt_tokens": LENGTH,
+            "question_seconds": 0.1,
+            "decode_tokens_per_second": 20.0,
+            "nll": 1.0 + nll_gap,
+            "top1": 1.0 - nll_gap / 2,
+            "nll_full": 1.0,
+        }
+        for i, s in enumerate(scores)
+    ]
+    cell = f"{library}-{method}-{ratio}-{task}-{seed}"
     return {
-        "key": f"{library}-{method}-{ratio}-{task}-{length}-{extra.get('protocol', 'agnostic')}",
-        "library": library, "model": "m", "method": method, "ratio": ratio, "task": task, "length": length,
-        "protocol": "agnostic", "n_samples": 2, "score": score, "kv_bytes": (1 - ratio) * 2**20 * length / 1024,
-        "peak_rss": 2**30, "peak_rss_delta": 2**25, "prefill_seconds": length / 1000, "question_seconds": 0.1,
-        "decode_tokens_per_second": 20.0, "versions": {"torch": "2.13.0"}, "git_commit": "abc",
-        "machine": {"platform": "Linux", "cpu_count": 2}, "timestamp": "2026-01-01T00:00:00+00:00", **extra,
+        "key": f"{cell}-{context}",
+        "cell": cell,
+        "library": library,
+        "model": "m",
+        "method": method,
+        "options": {},
+        "resolved": {},
+        "ratio": ratio,
+        "task": task,
+        "length": LENGTH,
+        "protocol": "agnostic",
+        "n_samples": CONTEXTS,
+        "seed": seed,
+        "chunk_size": None,
+        "calibration": calibration,
+        "fingerprint": "f00d",
+        "context_id": context_id,
+        "kv_bytes": (1 - ratio) * 2**20,
+        "prefill_seconds": 0.5,
+        "compress_seconds": 0.1 if ratio else 0.0,
+        "shared_prefill": library == "headwise",
+        "peak_rss": 2**30,
+        "peak_rss_delta": 2**25,
+        "wall_seconds": 3.0,
+        "cpu_seconds": 3.0,
+        "score": sum(scores) / len(scores),
+        "samples": samples,
+        "versions": {"torch": "2.13.0"},
+        "git_commit": "abc",
+        "machine": {"platform": "Linux", "cpu_count": 2},
+        "timestamp": "2026-01-01T00:00:00+00:00",
     }
 
 
 def as_peer(flat: dict) -> dict:
-    """The same cell in the kvpress runner's shape: no key, metrics and metadata nested, other names."""
-    metrics = {"kv_bytes": flat["kv_bytes"], "prefill_seconds": flat["prefill_seconds"],
-               "decode_tokens_per_second": flat["decode_tokens_per_second"], "peak_rss_bytes": flat["peak_rss"],
-               "peak_rss_delta_bytes": flat["peak_rss_delta"], "n_samples": 2}
-    identity = ("library", "model", "ratio", "task", "length", "protocol", "score")
-    return {**{k: flat[k] for k in identity}, "method": f"kvpress:{flat['method']}", "options": {},
-            "metrics": metrics, "metadata": {"versions": {"kvpress": "0.2"}}}
+    """The same part in a peer runner's shape: metrics and metadata nested, the method prefixed."""
+    metric_names = ("kv_bytes", "prefill_seconds", "compress_seconds", "wall_seconds", "samples", "score")
+    metrics = {k: flat[k] for k in metric_names} | {"peak_rss_bytes": flat["peak_rss"]}
+    rest = {k: v for k, v in flat.items() if k not in (*metric_names, "peak_rss", "versions", "key", "method")}
+    return {
+        **rest,
+        "score": flat["score"],
+        "method": f"kvpress:{flat['method']}",
+        "metrics": metrics,
+        "metadata": {"versions": {"kvpress": "0.5.5"}},
+        "shared_prefill": False,
+    }
+
+
+def scores_of(method: str, task: str, context: int) -> list[float]:
+    """Reported scores (varying from context to context): full 1 (vartrack 0.5); snapkv 1 on passkey, 2/3 on qa;
+    tova the same but one answer; streaming_llm 1/3 on passkey and 0 on qa."""
+    odd = context % 2
+    if task == "vartrack":
+        return [1.0, 0.0, float(odd)]
+    if method == "full":
+        return [1.0] * QUESTIONS
+    if method == "streaming_llm":
+        return ([0.0] * 3 if odd else [1.0, 1.0, 0.0]) if task == "passkey" else [0.0] * QUESTIONS
+    scores = [1.0] * QUESTIONS if task == "passkey" else [1.0, 0.0, 0.0] if odd else [1.0] * QUESTIONS
+    if method == "tova" and task == "passkey" and context == 0:
+        scores[0] = 0.0
+    return scores
+
+
+def synthetic() -> list[dict]:
+    rows = []
+    for task in TASKS:  # the gate: vartrack fails it (mean 0.5)
+        for c in range(4):
+            scores = ([1.0, 0.0, 1.0] if c % 2 else [0.0, 1.0, 0.0]) if task == "vartrack" else [1.0] * 3
+            rows.append(part("headwise", "full", 0.0, task, c, scores, seed=100, calibration=True))
+        for c in range(CONTEXTS):
+            rows.append(part("headwise", "full", 0.0, task, c, scores_of("full", task, c)))
+            for method, gap in (("snapkv", 0.2), ("tova", 0.25), ("streaming_llm", 1.5)):
+                rows.append(part("headwise", method, 0.5, task, c, scores_of(method, task, c), nll_gap=gap))
+            rows.append(part("headwise", "<script>x</script>", 0.75, task, c, scores_of("snapkv", task, c)))
+            rows.append(as_peer(part("kvpress", "snapkv", 0.5, task, c, scores_of("snapkv", task, c), nll_gap=0.3)))
+    return rows
 
 
 @pytest.fixture
 def records() -> list[dict]:
-    rows = []
-    for length in (1024, 2048):
-        for task in ("passkey", "qa"):
-            rows.append(record("headwise", "full", 0.0, task, length, 1.0))
-            rows.append(record("kvpress", "full", 0.0, task, length, 0.95))
-            for ratio in (0.5, 0.75):
-                rows.append(record("headwise", "snapkv", ratio, task, length, 1 - ratio / 2))
-                rows.append(record("headwise", "snapkv", ratio, task, length, 1 - ratio / 3, protocol="aware"))
-                rows.append(record("kvpress", "snapkv", ratio, task, length, 1 - ratio))
-                rows.append(record("headwise", "<script>alert(1)</script>", ratio, task, length, 0.1))
-    return rows
+    return [harmonize(store.parse_line(json.dumps(r))) for r in synthetic()]
 
 
-def test_summary_has_one_row_per_method_ratio_protocol(records):
-    headers, rows = summary(records)
-    assert "passkey 1024" in headers and "qa 2048" in headers
-    keys = {(r[0], r[2], r[3], r[4]) for r in rows}
-    assert ("kvpress", "snapkv", "0.5", "agnostic") in keys and ("headwise", "snapkv", "0.75", "aware") in keys
-    assert len(rows) == len(keys)
-    assert "snapkv" in terminal_table(records)
+def lines_by_name(records) -> dict[tuple[str, str], object]:
+    _, panels = analyse(records)
+    (panel,) = panels
+    return {(line.setting[0], line.setting[1]): line for line in panel.lines}
+
+
+def test_gate_table_and_flags(records):
+    gate_result, (panel,) = analyse(records)
+    assert gate_result == {
+        ("m", "passkey", LENGTH): (1.0, 12, True),
+        ("m", "qa", LENGTH): (1.0, 12, True),
+        ("m", "vartrack", LENGTH): (0.5, 12, False),
+    }
+    assert panel.tasks == {"passkey": "pass", "qa": "pass", "vartrack": "beyond the model"}
+    text = terminal_table(records)
+    assert re.search(r"m\s+vartrack\s+2048\s+0\.500\s+12\s+beyond the model", text)
+    headers, rows = per_task_table(panel)
+    assert headers == ["method", "ratio", "passkey", "qa", "vartrack (beyond the model)"]
+    full = next(row for row in rows if row[0] == "full")
+    assert full[2] == "1.000 [1.000, 1.000] (24)" and full[4].startswith("0.500 [")
+
+
+def test_headline_is_the_mean_of_gate_passing_task_means(records):
+    lines = lines_by_name(records)
+    snapkv = lines["headwise", "snapkv"]
+    assert snapkv.score.mean == pytest.approx((1 + 2 / 3) / 2)  # vartrack left out, each task weighs the same
+    assert len(snapkv.rows) == 2 * CONTEXTS * QUESTIONS and snapkv.tasks == 2
+    assert lines["headwise", "streaming_llm"].score.mean == pytest.approx((1 / 3 + 0) / 2)
+    assert lines["headwise", "tova"].score.mean == pytest.approx((23 / 24 + 2 / 3) / 2)
+    assert snapkv.nll_gap.mean == pytest.approx(0.2) and snapkv.top1.mean == pytest.approx(0.9)
+    assert lines["headwise", "full"].nll_gap.mean == 0 and lines["headwise", "full"].top1.mean == 1
+    for line in lines.values():
+        assert line.score.lo <= line.score.mean <= line.score.hi
+        assert line.nll_gap.lo <= line.nll_gap.mean <= line.nll_gap.hi
+    assert lines["headwise", "snapkv"].score.hi - lines["headwise", "snapkv"].score.lo > 0.05  # qa varies
+
+
+def test_ahead_only_where_the_paired_interval_excludes_zero(records):
+    lines = lines_by_name(records)
+    assert lines["headwise", "snapkv"].verdict == "best" and lines["headwise", "snapkv"].versus_best is None
+    behind = lines["headwise", "streaming_llm"]
+    assert behind.verdict == "behind" and behind.versus_best[0].mean == pytest.approx(-2 / 3)
+    assert behind.versus_best[0].hi < 0 and behind.versus_best[1] == 48
+    tova = lines["headwise", "tova"]  # one answer in 48 differs: tied, not behind
+    assert tova.verdict == "tied" and tova.versus_best[0].mean == pytest.approx(-1 / 48)
+    assert tova.versus_best[0].lo < 0 <= tova.versus_best[0].hi
+    assert lines["kvpress", "snapkv"].verdict == "tied" and lines["kvpress", "snapkv"].versus_best[0].mean == 0
+    assert lines["headwise", "full"].verdict == ""  # alone at ratio 0
+
+
+def test_paired_comparison_uses_the_common_answers_only(records):
+    lines = lines_by_name(records)
+    snapkv, streaming = lines["headwise", "snapkv"].rows, lines["headwise", "streaming_llm"].rows
+    half = [a for a in streaming if a.task == "passkey"]
+    diff, n = compare(half, snapkv)
+    assert n == CONTEXTS * QUESTIONS and diff.mean == pytest.approx(1 / 3 - 1)
+    assert compare(half, [a for a in snapkv if a.task == "qa"]) is None
+
+
+def test_costs_and_sweep_wall_time(records):
+    _, (panel,) = analyse(records)
+    rows = {(row[0], row[1]): row for row in cost_rows(panel)}
+    snapkv = rows["snapkv", "0.5"]
+    assert snapkv[2:] == ["0.50", "0.500", "0.100", "20.0", "1.00", 3 * CONTEXTS, 3 * CONTEXTS]
+    assert rows["snapkv (kvpress)", "0.5"][-1] == 0
+    sweep = {row[0]: row for row in sweep_rows(records)}
+    parts = 3 * 4 + 3 * CONTEXTS * 5  # calibration included
+    assert sweep["headwise"] == ["headwise", "m", LENGTH, parts, parts * 3, f"{3.0 * parts:.0f}", "1.00", parts]
+    assert sweep["kvpress"][3] == 3 * CONTEXTS and sweep["kvpress"][-1] == 0
+
+
+def test_markdown_report_has_the_tables(records):
+    text = markdown_report(records)
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings == [
+        "### Calibration gate",
+        f"### m, {LENGTH} tokens",
+        f"#### Per task, m, {LENGTH} tokens",
+        f"#### Costs, m, {LENGTH} tokens",
+        "### Sweep wall time (sum of part wall seconds, calibration included)",
+        "### Provenance",
+    ]
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert any(line.startswith("| **snapkv** | 0.5 |") and line.endswith("| best |") for line in rows)
+    assert any(line.startswith("| tova ≈ | 0.5 |") and line.endswith("| tied |") for line in rows)
+    behind = next(line for line in rows if line.startswith("| streaming_llm | 0.5 |"))
+    assert behind.endswith("| behind |") and "-0.667 [" in behind and "(48)" in behind
+    assert "| snapkv (kvpress) ≈ | 0.5 |" in text and "kvpress 0.5.5" in text and "f00d" in text
+    tables = text.split("\n\n")
+    for block in tables:
+        lines = block.splitlines()
+        if lines and lines[0].startswith("| "):
+            assert len({line.count(" | ") - line.count("\\|") for line in lines}) == 1, block
+    assert markdown_table(["a", "b"], [["x|y", "<b>"]]).splitlines()[2] == "| x\\|y | &lt;b> |"
+    assert "| &lt;script>x&lt;/script> | 0.75 |" in text
 
 
 def test_html_report_is_self_contained_and_escaped(records, tmp_path):
     path = build_report(records, tmp_path)
     html = path.read_text()
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(PLOTS)
-    assert not re.search(r"https?://", html)
-    assert html.count("<table>") == 4
-    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert not re.search(r"https?://", html) and "<link" not in html
+    assert html.count("<table>") == 6  # gate, headline, per task, costs, sweep, provenance
+    assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
+    assert "snapkv ★" in html and "beyond the model" in html
     for name in PLOTS:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
 
 
-def test_cli_report_only_includes_peer_results(records, tmp_path, capsys):
+def test_old_format_records_are_refused(records):
+    old = {k: v for k, v in records[-1].items() if k not in ("cell", "context_id")}
+    with pytest.raises(HeadwiseError, match="old one-record-per-cell format"):
+        markdown_report([*records, old])
+
+
+def test_cli_report_only_includes_peer_results(tmp_path, capsys):
     out = tmp_path / "run"
     peer = tmp_path / "kvpress.jsonl"
-    for r in records:
-        if r["library"] == "kvpress":
-            append_record(peer, as_peer(r))
-        else:
-            append_record(out / "results.jsonl", r)
+    for r in synthetic():
+        append_record(peer if r["library"] == "kvpress" else out / "results.jsonl", r)
     assert main(["bench", "--report-only", "--out", str(out), "--peer", str(peer)]) == 0
     printed = capsys.readouterr().out
-    assert "kvpress" in printed and (out / "report.html").exists()
-    assert "kvpress:" not in printed and "peak" not in capsys.readouterr().err
+    assert "snapkv (kvpress) ≈" in printed and "streaming_llm" in printed and (out / "report.html").exists()
+    assert "kvpress:" not in printed
 
 
 def test_peer_records_are_harmonized(records):
-    flat = harmonize(store.parse_line(json.dumps(as_peer(records[1]))))
-    assert flat["method"] == "full" and flat["library"] == "kvpress" and flat["key"]
-    assert flat["peak_rss_delta"] == records[1]["peak_rss_delta"] and flat["kv_bytes"] == records[1]["kv_bytes"]
+    flat = records[-1]
+    assert flat["library"] == "kvpress" and flat["method"] == "snapkv" and flat["key"]
+    assert flat["peak_rss"] == 2**30 and flat["samples"][0]["nll"] == pytest.approx(1.3)
+    assert flat["versions"] == {"kvpress": "0.5.5"}
 
 
 def test_headwise_variants_get_rows_of_their_own(records):
-    base = {**records[1], "library": "headwise", "method": "headwise", "ratio": 0.75}
-    plain = harmonize({**base, "options": {"profile": "p.json"}})
-    variant = harmonize({**base, "options": {"profile": "p.json", "compensate": "true"}})
+    base = next(r for r in synthetic() if r["method"] == "snapkv")
+    plain = harmonize({**base, "method": "headwise", "options": {"profile": "p.json"}})
+    variant = harmonize({**base, "method": "headwise", "options": {"profile": "p.json", "compensate": "true"}})
     assert plain["method"] == "headwise" and variant["method"] == "headwise compensate=true"
-    rows = summary([plain, variant])[1]
-    assert sorted(row[2] for row in rows) == ["headwise", "headwise compensate=true"]
-
-
-def test_score_grid_puts_methods_side_by_side(records):
-    headers, rows = score_grid(records)
-    assert headers[3:] == ["1024 @0", "1024 @0.5", "1024 @0.75", "2048 @0", "2048 @0.5", "2048 @0.75"]
-    by_key = {tuple(r[:3]): r[3:] for r in rows}
-    # snapkv (agnostic) scores 1 - ratio / 2 on both tasks; the full cache has the ratio-0 column only
-    assert by_key["headwise", "snapkv", "agnostic"] == ["", "0.750", "0.625", "", "0.750", "0.625"]
-    assert by_key["kvpress", "full", "agnostic"] == ["0.950", "", "", "0.950", "", ""]
-    assert ("headwise", "snapkv", "aware") in by_key
-    partial = [r for r in records if not (r["method"] == "snapkv" and r["task"] == "qa" and r["ratio"] == 0.5)]
-    by_key = {tuple(r[:3]): r[3:] for r in score_grid(partial)[1]}
-    assert by_key["headwise", "snapkv", "agnostic"][1] == "0.750 (1/2 tasks)"
-
-
-def test_a_cell_in_two_stores_counts_once(tmp_path, records, capsys):
-    out = tmp_path / "bench"
-    out.mkdir()
-    for r in records:
-        append_record(out / "results.jsonl", {**r, "key": f"{r['library']}{r['method']}{r['ratio']}{r['task']}"
-                                              f"{r['length']}{r['protocol']}"})
-    full_passkey = dict(next(r for r in store.read_records(out / "results.jsonl")
-                             if r["method"] == "full" and r["task"] == "passkey" and r["library"] == "headwise"))
-    append_record(tmp_path / "again.jsonl", {**full_passkey, "score": 0.0})
-    again = str(tmp_path / "again.jsonl")
-    assert main(["bench", "--report-only", "--markdown", "--out", str(out), "--peer", again]) == 0
-    grid = capsys.readouterr().out.splitlines()
-    full = next(line for line in grid if line.startswith("| headwise | full |"))
-    assert full.split(" | ")[3] == "1.000"  # the duplicate (score 0) was dropped, not averaged in
-
-
-def test_markdown_tables_one_per_length(tmp_path, records, capsys):
-    out = tmp_path / "bench"
-    out.mkdir()
-    for r in records:
-        append_record(out / "results.jsonl", r)
-    assert main(["bench", "--report-only", "--markdown", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    lengths = sorted({r["length"] for r in records})
-    assert [line for line in printed.splitlines() if line.startswith("####")] == [f"#### {n} tokens" for n in lengths]
-    headers = [line for line in printed.splitlines() if line.startswith("| library | model |")]
-    assert len(headers) == 2 and "passkey 1024" in headers[0] and "passkey 2048" not in headers[0]
-    per_length = printed.split("####", 1)[1]
-    table = [line for line in per_length.splitlines() if line.startswith("|")]
-    assert {line.count(" | ") for line in table} == {len(headers[0].split(" | ")) - 1}
-    assert printed.startswith("| library | method | protocol | 1024 @0 |")  # the side-by-side grid first
-    assert markdown_table(["a", "b"], [["x|y", 1]]).splitlines()[2] == "| x\\|y | 1 |"
+    _, (panel,) = analyse([{**plain, "key": "a"}, {**variant, "key": "b"}])
+    assert sorted(s[1] for s in panel.per_task) == ["headwise", "headwise compensate=true"]
+    assert panel.lines == [] and "no headline" in terminal_table([plain])  # no gate: not calibrated
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -1,9 +1,25 @@
-"""Benchmark report: a terminal table, PNG plots (matplotlib Agg) and one self-contained HTML page.
+"""Benchmark report from the answers: the calibration gate, headline means with intervals, paired comparisons,
+per-task scores, costs, plots and provenance, as a terminal table, Markdown (BENCHMARKS.md) and one HTML page.
 
-Input is a list of results records (see :mod:`headwise.bench.store`) from headwise and from peer runners
-(``library`` tells them apart). Scores are averaged over tasks for the plots and the summary table; the
-detail table lists every cell. The full cache (``method == "full"``) of each library is the baseline:
-a dashed horizontal line in the score plot. Peers are drawn dotted with cross markers, headwise solid.
+Input: *part* records (one cell on one context, :mod:`headwise.bench.runner`), from headwise and from peer runners
+(``library`` tells them apart), each brought to one shape by :func:`harmonize`. Old-format records (one record
+per cell, without ``cell`` and ``context_id``) are not supported: they are refused with a one-line error.
+Calibration parts (``calibration: true``) feed the gate (:func:`headwise.bench.calibration.gate`, headwise's
+full cache) and nothing else.
+
+Every figure is computed from the answers (``samples`` of each part), not from part means:
+
+- **Headline**, per model and length: per library x method x ratio x protocol, the score over the tasks that pass
+  the gate there, as the mean of the task means, with a 95% bootstrap interval that resamples whole contexts
+  within each task (:mod:`headwise.bench.intervals`); fidelity likewise: the answer NLL above the full cache's own
+  (``nll - nll_full``) and top-1 agreement.
+- **Ahead only by paired intervals**: within one model, length and ratio, the method with the highest headline
+  score is the best; every other one is compared with it on the answers both have (same task, seed and answer
+  id), and is *behind* (or *ahead*) only where the paired 95% interval of the difference excludes zero, *tied*
+  otherwise.
+- **Per task**: every task, those beyond the model (or not calibrated) included and flagged.
+- **Costs**: KV MiB and prefill/compression seconds (means over parts), decode tokens per second (over answers),
+  seconds per answer (part wall seconds over answers); the sweep's wall time per library, model and length.
 """
 
 from __future__ import annotations
@@ -11,20 +27,23 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from headwise.bench.calibration import FULL, GATE, Gate, gate
+from headwise.bench.intervals import Interval, bootstrap_mean, excludes_zero, paired_difference
+from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES
 from headwise.report.html import esc, img, page, table, write_atomic
 
 MIB = 2**20
-FULL = "full"
 
 PLOTS = {
-    "score_vs_ratio.png": "Score (mean over tasks) vs fraction of the KV cache removed",
+    "score_vs_ratio.png": "Score (gate-passing tasks, mean of task means, 95% interval) vs fraction of KV removed",
+    "nll_vs_ratio.png": "Answer NLL above the full cache's own vs fraction of KV removed",
+    "top1_vs_ratio.png": "Top-1 agreement with the full cache's answer vs fraction of KV removed",
     "kv_bytes_vs_ratio.png": "KV-cache MiB held after prefill vs fraction removed",
-    "prefill_vs_length.png": "Prefill seconds vs prompt length",
 }
-
 
 ALIASES = {"peak_rss_bytes": "peak_rss", "peak_rss_delta_bytes": "peak_rss_delta"}
 #: headwise options that name an input file rather than change the method; left out of method labels.
@@ -45,22 +64,185 @@ def harmonize(record: dict) -> dict:
     return flat
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+# ---------------------------------------------------------------------------------------------- answers
+
+Setting = tuple[str, str, float, str]  # library, method, ratio, protocol
 
 
-def group_mean(records: Iterable[dict], keys: Sequence[str], value: str) -> dict[tuple, float]:
-    """Mean of ``value`` over the records sharing the same ``keys`` fields (records without ``value`` skipped)."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
+@dataclass(frozen=True)
+class Answer:
+    """One scored answer of one part, with what the report groups, pairs and clusters it by."""
+
+    setting: Setting
+    model: str
+    length: int
+    task: str
+    pair: tuple  # (task, seed, answer id): the same answer under another setting
+    context: tuple  # (task, seed, context id): the answers sharing a prefill
+    score: float
+    nll_gap: float | None  # NLL above the full cache's own
+    top1: float | None
+
+
+def setting(record: dict) -> Setting:
+    return (record["library"], record["method"], float(record["ratio"]), record["protocol"])
+
+
+def reported(records: Iterable[dict]) -> list[dict]:
+    """The parts behind the reported figures (calibration parts left out); an old-format record is refused."""
+    parts = []
     for r in records:
-        if r.get(value) is not None:
-            groups[tuple(r[k] for k in keys)].append(float(r[value]))
-    return {k: _mean(v) for k, v in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0])))}
+        if "context_id" not in r or "samples" not in r:
+            raise HeadwiseError(
+                f"record {r.get('key', '?')} ({r['library']} {r['method']}) is in the old one-record-per-cell "
+                "format, which the report no longer reads: rerun the sweep into a new --out folder"
+            )
+        if not r.get("calibration"):
+            parts.append(r)
+    return parts
+
+
+def _gap(sample: dict) -> float | None:
+    nll, floor = sample.get("nll"), sample.get("nll_full")
+    return None if nll is None or floor is None else float(nll) - float(floor)
+
+
+def answers(parts: Iterable[dict]) -> list[Answer]:
+    """Every answer of the parts."""
+    return [
+        Answer(
+            setting(r),
+            r["model"],
+            r["length"],
+            r["task"],
+            (r["task"], r.get("seed"), s["id"]),
+            (r["task"], r.get("seed"), r["context_id"]),
+            float(s["score"]),
+            _gap(s),
+            None if s.get("top1") is None else float(s["top1"]),
+        )
+        for r in parts
+        for s in r["samples"]
+    ]
+
+
+def estimate(rows: Sequence[Answer], value: str) -> Interval | None:
+    """Mean of ``value`` (answers lacking it skipped) over the tasks' means, with its context-cluster interval."""
+    rows = [a for a in rows if getattr(a, value) is not None]
+    if not rows:
+        return None
+    return bootstrap_mean([getattr(a, value) for a in rows], [a.context for a in rows], [a.task for a in rows])
+
+
+def compare(a: Sequence[Answer], b: Sequence[Answer]) -> tuple[Interval, int] | None:
+    """Paired score difference ``a - b`` on the answers both have, and their number (None when there are none)."""
+    other = {x.pair: x for x in b}
+    common = [(x, other[x.pair]) for x in a if x.pair in other]
+    if not common:
+        return None
+    diff = paired_difference(
+        [x.score for x, _ in common],
+        [y.score for _, y in common],
+        [x.context for x, _ in common],
+        [x.task for x, _ in common],
+    )
+    return diff, len(common)
+
+
+@dataclass
+class Line:
+    """One setting's headline at a model and length."""
+
+    setting: Setting
+    rows: list[Answer]
+    score: Interval
+    nll_gap: Interval | None
+    top1: Interval | None
+    tasks: int
+    verdict: str = ""  # best, tied, behind, ahead (of the best); empty when alone at its ratio
+    versus_best: tuple[Interval, int] | None = None
+
+
+def headline(rows: Sequence[Answer]) -> list[Line]:
+    """Lines per setting, and within each ratio the best one and every other one's paired verdict against it."""
+    by_setting: dict[Setting, list[Answer]] = defaultdict(list)
+    for a in rows:
+        by_setting[a.setting].append(a)
+    lines = [
+        Line(s, r, estimate(r, "score"), estimate(r, "nll_gap"), estimate(r, "top1"), len({a.task for a in r}))
+        for s, r in by_setting.items()
+    ]
+    lines.sort(key=lambda line: (line.setting[2], -line.score.mean, line.setting))
+    by_ratio: dict[float, list[Line]] = defaultdict(list)
+    for line in lines:
+        by_ratio[line.setting[2]].append(line)
+    for group in by_ratio.values():
+        if len(group) < 2:
+            continue
+        best = group[0]
+        best.verdict = "best"
+        for line in group[1:]:
+            line.versus_best = compare(line.rows, best.rows)
+            if line.versus_best is None or not excludes_zero(line.versus_best[0]):
+                line.verdict = "tied"
+            else:
+                line.verdict = "behind" if line.versus_best[0].hi < 0 else "ahead"
+    return lines
+
+
+@dataclass
+class Panel:
+    """Everything reported at one model and length."""
+
+    model: str
+    length: int
+    tasks: dict[str, str]  # every task -> "pass", "beyond the model" or "not calibrated"
+    lines: list[Line]  # the headline, over the gate-passing tasks
+    per_task: dict[Setting, dict[str, tuple[Interval, int]]]
+    parts: list[dict] = field(repr=False)
+
+
+def task_status(gate_result: Gate, model: str, task: str, length: int) -> str:
+    passes = gate_result.get((model, task, length))
+    return "not calibrated" if passes is None else "pass" if passes[2] else "beyond the model"
+
+
+def analyse(records: Sequence[dict]) -> tuple[Gate, list[Panel]]:
+    """The gate, and one panel per model and length of the reported parts."""
+    gate_result = gate(records)
+    parts = reported(records)
+    everything = answers(parts)
+    panels = []
+    for model, length in sorted({(r["model"], r["length"]) for r in parts}):
+        rows = [a for a in everything if a.model == model and a.length == length]
+        tasks = {t: task_status(gate_result, model, t, length) for t in sorted({a.task for a in rows})}
+        per_task: dict[Setting, dict[str, tuple[Interval, int]]] = defaultdict(dict)
+        grouped: dict[tuple[Setting, str], list[Answer]] = defaultdict(list)
+        for a in rows:
+            grouped[a.setting, a.task].append(a)
+        for (s, task), group in sorted(grouped.items()):
+            per_task[s][task] = (estimate(group, "score"), len(group))
+        lines = headline([a for a in rows if tasks[a.task] == "pass"])
+        panel_parts = [r for r in parts if r["model"] == model and r["length"] == length]
+        panels.append(Panel(model, length, tasks, lines, dict(per_task), panel_parts))
+    return gate_result, panels
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def fmt(interval: Interval | None, digits: int = 3, sign: bool = False) -> str:
+    """``0.750 [0.620, 0.860]``; ``[n/a]`` when the interval cannot be estimated; empty for no value."""
+    if interval is None:
+        return ""
+    spec = f"{'+' if sign else ''}.{digits}f"
+    if interval.lo != interval.lo:  # NaN: a single context
+        return f"{interval.mean:{spec}} [n/a]"
+    return f"{interval.mean:{spec}} [{interval.lo:{spec}}, {interval.hi:{spec}}]"
 
 
 def label(library: str, method: str, protocol: str) -> str:
-    """Legend label of a line: method, with the protocol when question-aware and the library when a peer."""
+    """A setting's name: method, with the protocol when question-aware and the library when a peer."""
     parts = [method]
     if protocol != "agnostic":
         parts.append(f"[{protocol}]")
@@ -69,65 +251,164 @@ def label(library: str, method: str, protocol: str) -> str:
     return " ".join(parts)
 
 
-# ---------------------------------------------------------------------------------------------- tables
+def star(name: str) -> str:
+    return f"{name} ★"
 
-SUMMARY_KEYS = ("library", "model", "method", "ratio", "protocol")
+
+def bold(name: str) -> str:
+    return f"**{name}**"
 
 
-def summary(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
-    """Headers and rows: one row per library x model x method x ratio x protocol, a score column per
-    task/length, then the mean score, KV MiB, prefill seconds and decode tokens per second."""
-    columns = sorted({(r["task"], r["length"]) for r in records}, key=lambda c: (c[0], c[1]))
-    scores = group_mean(records, (*SUMMARY_KEYS, "task", "length"), "score")
-    headers = ["library", "model", "method", "ratio", "protocol", *(f"{t} {n}" for t, n in columns),
-               "mean score", "KV MiB", "prefill s", "decode tok/s"]
-    metrics = [group_mean(records, SUMMARY_KEYS, name)
-               for name in ("score", "kv_bytes", "prefill_seconds", "decode_tokens_per_second")]
+GATE_HEADERS = ["model", "task", "length", "full-cache mean", "answers", f"gate (>= {GATE:g})"]
+
+
+def gate_rows(gate_result: Gate) -> list[list[object]]:
+    return [
+        [m, t, n, f"{mean:.3f}", count, "pass" if ok else "beyond the model"]
+        for (m, t, n), (mean, count, ok) in gate_result.items()
+    ]
+
+
+HEADLINE_HEADERS = [
+    "method",
+    "ratio",
+    "score [95% CI]",
+    "answers",
+    "tasks",
+    "NLL above full",
+    "top-1",
+    "vs best (paired, answers)",
+    "verdict",
+]
+
+
+def headline_rows(panel: Panel, strong: Callable[[str], str]) -> list[list[object]]:
+    """The headline table; the best of each ratio through ``strong``, those tied with it marked ``≈``."""
+    passing = sum(status == "pass" for status in panel.tasks.values())
     rows = []
-    for key in metrics[0]:
-        cells = [f"{scores[(*key, *c)]:.2f}" if (*key, *c) in scores else "" for c in columns]
-        mean, kv, pre, tps = (m.get(key, float("nan")) for m in metrics)
-        rows.append([*key[:3], f"{key[3]:g}", key[4], *cells, f"{mean:.3f}", f"{kv / MIB:.1f}", f"{pre:.2f}",
-                     f"{tps:.1f}"])
+    for line in panel.lines:
+        library, method, ratio, protocol = line.setting
+        name = label(library, method, protocol)
+        name = strong(name) if line.verdict == "best" else f"{name} ≈" if line.verdict == "tied" else name
+        versus = "" if line.versus_best is None else f"{fmt(line.versus_best[0], sign=True)} ({line.versus_best[1]})"
+        rows.append(
+            [
+                name,
+                f"{ratio:g}",
+                fmt(line.score),
+                len(line.rows),
+                f"{line.tasks}/{passing}",
+                fmt(line.nll_gap),
+                fmt(line.top1),
+                versus,
+                line.verdict,
+            ]
+        )
+    return rows
+
+
+def per_task_table(panel: Panel) -> tuple[list[str], list[list[object]]]:
+    """Score [95% CI] (answers) per setting and task, every task, flagged when not in the headline."""
+    tasks = list(panel.tasks)
+    headers = ["method", "ratio", *(t if panel.tasks[t] == "pass" else f"{t} ({panel.tasks[t]})" for t in tasks)]
+    settings = sorted(panel.per_task, key=lambda s: (s[2], s[0] != "headwise", s[1], s[3]))
+    rows = []
+    for s in settings:
+        cells = panel.per_task[s]
+        rows.append(
+            [
+                label(s[0], s[1], s[3]),
+                f"{s[2]:g}",
+                *(f"{fmt(cells[t][0])} ({cells[t][1]})" if t in cells else "" for t in tasks),
+            ]
+        )
     return headers, rows
 
 
-def score_grid(records: Sequence[dict]) -> tuple[list[str], list[list[object]]]:
-    """Headers and rows of the side-by-side view: one row per library x method x protocol, one column per
-    length x ratio holding the score averaged over tasks (the full cache's row has ratio 0 only). A mean over
-    fewer tasks than the length has anywhere in the records says so: ``0.250 (3/6 tasks)``."""
-    group = ("library", "method", "protocol", "length", "ratio")
-    means = group_mean(records, group, "score")
-    tasks: dict[tuple, set] = defaultdict(set)  # per cell of the grid
-    length_tasks: dict[int, set] = defaultdict(set)  # per length, over all methods
+def _mean(values: Iterable[float | None]) -> float:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+COST_HEADERS = [
+    "method",
+    "ratio",
+    "KV MiB",
+    "prefill s",
+    "compress s",
+    "decode tok/s",
+    "s/answer",
+    "parts",
+    "shared prefill",
+]
+
+
+def cost_rows(panel: Panel) -> list[list[object]]:
+    """Costs per setting over every task of the panel (parts and their answers)."""
+    by_setting: dict[Setting, list[dict]] = defaultdict(list)
+    for r in panel.parts:
+        by_setting[setting(r)].append(r)
+    rows = []
+    for s in sorted(by_setting, key=lambda s: (s[2], s[0] != "headwise", s[1], s[3])):
+        parts = by_setting[s]
+        n_answers = sum(len(r["samples"]) for r in parts)
+        tps = _mean(x.get("decode_tokens_per_second") for r in parts for x in r["samples"])
+        rows.append(
+            [
+                label(s[0], s[1], s[3]),
+                f"{s[2]:g}",
+                f"{_mean(r.get('kv_bytes') for r in parts) / MIB:.2f}",
+                f"{_mean(r.get('prefill_seconds') for r in parts):.3f}",
+                f"{_mean(r.get('compress_seconds') for r in parts):.3f}",
+                f"{tps:.1f}",
+                f"{sum(r.get('wall_seconds', 0.0) for r in parts) / n_answers:.2f}",
+                len(parts),
+                sum(bool(r.get("shared_prefill")) for r in parts),
+            ]
+        )
+    return rows
+
+
+SWEEP_HEADERS = ["library", "model", "length", "parts", "answers", "wall s", "s/answer", "shared prefill"]
+
+
+def sweep_rows(records: Sequence[dict]) -> list[list[object]]:
+    """Per library, model and length: the sweep's parts (calibration included), answers and summed wall time."""
+    groups: dict[tuple[str, str, int], list[dict]] = defaultdict(list)
     for r in records:
-        tasks[tuple(r[k] for k in group)].add(r["task"])
-        length_tasks[r["length"]].add(r["task"])
-    columns = sorted({(length, ratio) for (*_, length, ratio) in means})
-    rows: dict[tuple, dict] = defaultdict(dict)
-    for (library, method, protocol, length, ratio), value in means.items():
-        done, wanted = len(tasks[library, method, protocol, length, ratio]), len(length_tasks[length])
-        partial = f" ({done}/{wanted} tasks)" if done < wanted else ""
-        rows[library, method, protocol][length, ratio] = f"{value:.3f}{partial}"
-    headers = ["library", "method", "protocol", *(f"{n} @{r:g}" for n, r in columns)]
-    body = [[*key, *(cells.get(c, "") for c in columns)] for key, cells in rows.items()]
-    return headers, body
+        groups[r["library"], r["model"], r["length"]].append(r)
+    rows = []
+    for (library, model, length), parts in sorted(groups.items()):
+        wall = sum(r.get("wall_seconds", 0.0) for r in parts)
+        n_answers = sum(len(r["samples"]) for r in parts)
+        rows.append(
+            [
+                library,
+                model,
+                length,
+                len(parts),
+                n_answers,
+                f"{wall:.0f}",
+                f"{wall / n_answers:.2f}",
+                sum(bool(r.get("shared_prefill")) for r in parts),
+            ]
+        )
+    return rows
 
 
-DETAIL_HEADERS = ["library", "method", "ratio", "protocol", "task", "length", "samples", "score", "KV MiB",
-                  "peak RSS +MiB", "prefill s", "decode tok/s"]
+PROVENANCE_HEADERS = ["library", "model", "fingerprint", "git commit", "versions", "machine"]
 
 
-def detail_rows(records: Sequence[dict]) -> list[list[object]]:
-    """One row per cell (record)."""
-    ordered = sorted(records, key=lambda r: (r["task"], r["length"], r["library"], r["method"], r["ratio"],
-                                             r["protocol"]))
-    return [
-        [r["library"], r["method"], f"{r['ratio']:g}", r["protocol"], r["task"], r["length"], r.get("n_samples", ""),
-         f"{r['score']:.3f}", f"{r.get('kv_bytes', 0) / MIB:.1f}", f"{r.get('peak_rss_delta', 0) / MIB:.0f}",
-         f"{r.get('prefill_seconds', 0):.2f}", f"{r.get('decode_tokens_per_second', 0):.1f}"]
-        for r in ordered
-    ]
+def provenance_rows(records: Sequence[dict]) -> list[list[object]]:
+    """Distinct (library, model, fingerprint, commit, versions, machine) combinations found in the records."""
+    seen: dict[tuple, list[object]] = {}
+    for r in records:
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(r.get("versions", {}).items()))
+        machine = r.get("machine", {})
+        where = f"{machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs"
+        row = [r["library"], r["model"], r.get("fingerprint") or "", r.get("git_commit") or "", versions, where]
+        seen.setdefault(tuple(row), row)
+    return list(seen.values())
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -140,33 +421,103 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured Markdown table ("|" in a cell escaped)."""
+    """A GitHub-flavoured Markdown table ("|" in a cell escaped, and "<", so a cell holds no HTML)."""
+
     def line(cells: Sequence[object]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("<", "&lt;") for c in cells) + " |"
 
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(row) for row in rows)])
 
 
+def panel_title(panel: Panel) -> str:
+    return f"{panel.model}, {panel.length} tokens"
+
+
+def headline_note(panel: Panel) -> str:
+    passing = [t for t, status in panel.tasks.items() if status == "pass"]
+    if not passing:
+        return "No task passes the calibration gate here: no headline."
+    return f"Headline over the gate-passing tasks ({', '.join(passing)}): mean of task means."
+
+
 def terminal_table(records: Sequence[dict]) -> str:
-    """The summary table as text."""
+    """The calibration gate and the headline per model and length, as text."""
     if not records:
         return "no results"
-    return text_table(*summary(records))
+    gate_result, panels = analyse(records)
+    out = ["calibration gate", text_table(GATE_HEADERS, gate_rows(gate_result)) if gate_result else "(none)"]
+    for panel in panels:
+        out += ["", f"{panel_title(panel)}: {headline_note(panel)}"]
+        rows = headline_rows(panel, star)
+        if rows:
+            out.append(text_table(HEADLINE_HEADERS, rows))
+    return "\n".join(out)
+
+
+PROTOCOL_NOTE = (
+    "Question-agnostic (default): the context is prefilled and compressed, the cache sealed, and each question "
+    "answered on its own copy (question and template suffix fed uncompressed, greedy answer). Question-aware "
+    "rows ([aware]) compress the whole prompt, question included. Scores and fidelity are computed from the "
+    "answers; intervals are 95% percentile bootstraps resampling whole contexts within each task. "
+    f"A task counts in the headline at a model and length only if the full cache scores at least {GATE:g} on "
+    "the calibration seed there. Within a ratio, ★ (bold in Markdown) is the best method; ≈ marks a method "
+    "whose paired 95% interval of the difference with the best, on the same answers, contains zero (tied). "
+    "NLL above full: the answer NLL of the full cache's answer in this cache minus the full cache's own; "
+    "top-1: the fraction of its tokens still ranked first. KV bytes are those physically held after prefill."
+)
+
+
+def markdown_report(records: Sequence[dict]) -> str:
+    """The whole report in Markdown (for BENCHMARKS.md): the gate, then per model and length the headline, the
+    per-task scores and the costs, then the sweep's wall time and the provenance."""
+    if not records:
+        return "no results"
+    gate_result, panels = analyse(records)
+    out = [PROTOCOL_NOTE, "", "### Calibration gate", "", markdown_table(GATE_HEADERS, gate_rows(gate_result))]
+    for panel in panels:
+        out += ["", f"### {panel_title(panel)}", "", headline_note(panel)]
+        rows = headline_rows(panel, bold)
+        if rows:
+            out += ["", markdown_table(HEADLINE_HEADERS, rows)]
+        out += [
+            "",
+            f"#### Per task, {panel_title(panel)}",
+            "",
+            markdown_table(*per_task_table(panel)),
+            "",
+            f"#### Costs, {panel_title(panel)}",
+            "",
+            markdown_table(COST_HEADERS, cost_rows(panel)),
+        ]
+    out += [
+        "",
+        "### Sweep wall time (sum of part wall seconds, calibration included)",
+        "",
+        markdown_table(SWEEP_HEADERS, sweep_rows(records)),
+        "",
+        "### Provenance",
+        "",
+        markdown_table(PROVENANCE_HEADERS, provenance_rows(records)),
+    ]
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _figure_png(draw: Callable[[object], None], panels: Sequence[object], title: str) -> bytes:
-    """Draw one panel per item with matplotlib's Agg backend and return the PNG bytes."""
+def _figure_png(draw: Callable[[object, Panel], None], panels: Sequence[Panel], title: str) -> bytes:
+    """Draw one axis per panel with matplotlib's Agg backend and return the PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, panel in zip(axes[0], panels, strict=True):
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.0), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=False):
         draw(ax, panel)
+        ax.set_title(panel_title(panel))
+        ax.set_xlim(-0.02, 1)
+        ax.set_xlabel("fraction of KV removed")
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
@@ -194,126 +545,127 @@ def _colour(method: str) -> tuple[float, ...]:
 def _style(library: str, method: str, protocol: str) -> dict:
     """Line style: colour by method (stable across plots), dotted with crosses for peers, squares when aware."""
     peer = library != "headwise"
-    colour = _colour(method)
     marker = ("x" if peer else "o") if protocol == "agnostic" else "s"
-    return {"linestyle": ":" if peer else "-", "marker": marker, "color": colour}
+    return {"linestyle": ":" if peer else "-", "marker": marker, "color": _colour(method)}
 
 
-def _lines(records: Sequence[dict], length: int, value: str) -> dict[tuple[str, str, str], list[tuple[float, float]]]:
-    """Per (library, method, protocol), the (ratio, mean value over tasks) points at one length."""
-    means = group_mean([r for r in records if r["length"] == length and r["method"] != FULL],
-                       ("library", "method", "protocol", "ratio"), value)
-    lines: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
-    for (library, method, protocol, ratio), v in means.items():
-        lines[(library, method, protocol)].append((ratio, v))
-    return {k: sorted(v) for k, v in lines.items()}
+def _draw_lines(ylabel: str, ylim: tuple[float, float] | None) -> Callable[[object, dict], None]:
+    """A drawer of (ratio, interval) lines per library x method x protocol; the full caches as dashed levels."""
 
-
-def _draw_vs_ratio(
-    records: Sequence[dict], value: str, scale: float, ylabel: str, ylim: tuple[float, float] | None = None
-) -> Callable[[object, int], None]:
-    def draw(ax, length: int) -> None:
-        for (library, method, protocol), points in _lines(records, length, value).items():
-            xs, ys = zip(*points, strict=True)
-            ax.plot(xs, [y / scale for y in ys], label=label(library, method, protocol),
-                    **_style(library, method, protocol))
-        baselines = group_mean([r for r in records if r["length"] == length and r["method"] == FULL],
-                               ("library",), value)
-        for (library,), v in baselines.items():
-            ax.axhline(v / scale, color="black" if library == "headwise" else "grey", linestyle="--",
-                       label=label(library, FULL, "agnostic"))
-        ax.set_title(f"{length} tokens")
-        ax.set_xlim(0, 1)
+    def draw(ax, lines: dict) -> None:
+        for (library, method, protocol), pts in sorted(lines.items()):
+            pts = sorted(pts)
+            name = label(library, method, protocol)
+            if method == FULL:
+                ax.axhline(
+                    pts[0][1].mean, color="black" if library == "headwise" else "grey", linestyle="--", label=name
+                )
+                continue
+            xs = [x for x, _ in pts]
+            ys = [iv.mean for _, iv in pts]
+            err = [
+                [max(iv.mean - iv.lo, 0) if iv.lo == iv.lo else 0 for _, iv in pts],
+                [max(iv.hi - iv.mean, 0) if iv.hi == iv.hi else 0 for _, iv in pts],
+            ]
+            ax.errorbar(xs, ys, yerr=err, capsize=3, label=name, **_style(library, method, protocol))
+        ax.set_ylabel(ylabel)
         if ylim is not None:
             ax.set_ylim(*ylim)
-        ax.set_xlabel("fraction of KV removed")
-        ax.set_ylabel(ylabel)
 
     return draw
 
 
-def plot_score_vs_ratio(records: Sequence[dict]) -> bytes:
-    lengths = sorted({r["length"] for r in records})
-    draw = _draw_vs_ratio(records, "score", 1.0, "score", (-0.03, 1.03))
-    return _figure_png(draw, lengths, PLOTS["score_vs_ratio.png"])
+def _plot(
+    panels: Sequence[Panel],
+    points_of: Callable[[Panel], dict],
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+) -> bytes:
+    data = {id(p): points_of(p) for p in panels}
+    draw = _draw_lines(ylabel, ylim)
+    return _figure_png(lambda ax, panel: draw(ax, data[id(panel)]), panels, title)
 
 
-def plot_kv_vs_ratio(records: Sequence[dict]) -> bytes:
-    lengths = sorted({r["length"] for r in records})
-    return _figure_png(_draw_vs_ratio(records, "kv_bytes", MIB, "KV MiB"), lengths, PLOTS["kv_bytes_vs_ratio.png"])
+def _headline_points(value: str) -> Callable[[Panel], dict]:
+    def points(panel: Panel) -> dict:
+        lines: dict[tuple[str, str, str], list[tuple[float, Interval]]] = defaultdict(list)
+        for line in panel.lines:
+            interval = getattr(line, value)
+            if interval is not None:
+                library, method, ratio, protocol = line.setting
+                lines[library, method, protocol].append((ratio, interval))
+        return lines
+
+    return points
 
 
-def plot_prefill_vs_length(records: Sequence[dict]) -> bytes:
-    """Prefill seconds vs length, one line per library x method x protocol (mean over ratios and tasks)."""
-
-    def draw(ax, _panel: None) -> None:
-        means = group_mean(records, ("library", "method", "protocol", "length"), "prefill_seconds")
-        lines: dict[tuple[str, str, str], list[tuple[int, float]]] = defaultdict(list)
-        for (library, method, protocol, length), v in means.items():
-            lines[(library, method, protocol)].append((length, v))
-        for (library, method, protocol), points in lines.items():
-            xs, ys = zip(*sorted(points), strict=True)
-            ax.plot(xs, ys, label=label(library, method, protocol), **_style(library, method, protocol))
-        ax.set_xlabel("target length (tokens)")
-        ax.set_ylabel("prefill seconds (mean over ratios)")
-
-    return _figure_png(draw, [None], PLOTS["prefill_vs_length.png"])
+def _kv_points(panel: Panel) -> dict:
+    by: dict[Setting, list[float]] = defaultdict(list)
+    for r in panel.parts:
+        by[setting(r)].append(r["kv_bytes"] / MIB)
+    lines: dict[tuple[str, str, str], list[tuple[float, Interval]]] = defaultdict(list)
+    for (library, method, ratio, protocol), values in by.items():
+        mean = sum(values) / len(values)
+        lines[library, method, protocol].append((ratio, Interval(mean, mean, mean)))
+    return lines
 
 
-PLOTTERS: dict[str, Callable[[Sequence[dict]], bytes]] = {
-    "score_vs_ratio.png": plot_score_vs_ratio,
-    "kv_bytes_vs_ratio.png": plot_kv_vs_ratio,
-    "prefill_vs_length.png": plot_prefill_vs_length,
-}
+def plots(panels: Sequence[Panel]) -> dict[str, bytes]:
+    """The PNG plots, one axis per model and length."""
+    return {
+        "score_vs_ratio.png": _plot(
+            panels, _headline_points("score"), "score", PLOTS["score_vs_ratio.png"], (-0.03, 1.03)
+        ),
+        "nll_vs_ratio.png": _plot(
+            panels, _headline_points("nll_gap"), "NLL above full (nats/token)", PLOTS["nll_vs_ratio.png"]
+        ),
+        "top1_vs_ratio.png": _plot(
+            panels, _headline_points("top1"), "top-1 agreement", PLOTS["top1_vs_ratio.png"], (-0.03, 1.03)
+        ),
+        "kv_bytes_vs_ratio.png": _plot(panels, _kv_points, "KV MiB", PLOTS["kv_bytes_vs_ratio.png"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- HTML
 
 
-PROVENANCE_KEYS = ("library", "model", "git_commit")
-
-
-def provenance_rows(records: Sequence[dict]) -> list[list[object]]:
-    """Distinct (library, model, commit, versions, machine) combinations found in the records."""
-    seen: dict[tuple, list[object]] = {}
-    for r in records:
-        versions = ", ".join(f"{k} {v}" for k, v in sorted(r.get("versions", {}).items()))
-        machine = r.get("machine", {})
-        where = f"{machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs"
-        row = [*(r.get(k) or "" for k in PROVENANCE_KEYS), versions, where]
-        seen.setdefault(tuple(row), row)
-    return list(seen.values())
-
-
-PROTOCOL_NOTE = (
-    "Question-agnostic (default): the context is prefilled and compressed before the question is appended; "
-    "the question and the chat template's suffix are then fed uncompressed and the answer is decoded greedily. "
-    "Question-aware rows ([aware]) compress the whole prompt, question included. KV bytes are the bytes "
-    "physically held by keys and values after the compressed prefill. Scores are means over samples (and over "
-    "tasks in the plots and the summary)."
-)
-
-
-def render_html(records: Sequence[dict], plots: dict[str, bytes], title: str = "headwise benchmark") -> str:
-    """The report page: plots embedded as data URIs, summary and detail tables, provenance."""
-    body = [f"<h1>{esc(title)}</h1>", f"<p class=\"meta\">{esc(PROTOCOL_NOTE)}</p>"]
-    for name, png in plots.items():
+def render_html(
+    records: Sequence[dict],
+    gate_result: Gate,
+    panels: Sequence[Panel],
+    pngs: dict[str, bytes],
+    title: str = "headwise benchmark",
+) -> str:
+    """The report page: the gate, plots embedded as data URIs, the tables per model and length, provenance."""
+    body = [
+        f"<h1>{esc(title)}</h1>",
+        f'<p class="meta">{esc(PROTOCOL_NOTE)}</p>',
+        "<h2>Calibration gate</h2>" + table(GATE_HEADERS, gate_rows(gate_result), text_columns=2),
+    ]
+    for name, png in pngs.items():
         body.append(f"<h2>{esc(PLOTS[name])}</h2>{img(png, PLOTS[name])}")
-    headers, rows = score_grid(records)
-    body.append("<h2>Mean score by length @ ratio removed</h2>" + table(headers, rows, text_columns=3))
-    headers, rows = summary(records)
-    body.append("<h2>Summary</h2>" + table(headers, rows, text_columns=5))
-    body.append("<h2>Every cell</h2>" + table(DETAIL_HEADERS, detail_rows(records), text_columns=5))
-    body.append("<h2>Provenance</h2>" + table(["library", "model", "git commit", "versions", "machine"],
-                                              provenance_rows(records), text_columns=5))
+    for panel in panels:
+        body.append(f"<h2>{esc(panel_title(panel))}</h2><p>{esc(headline_note(panel))}</p>")
+        rows = headline_rows(panel, star)
+        if rows:
+            body.append(table(HEADLINE_HEADERS, rows, text_columns=1))
+        body.append("<h3>Per task</h3>" + table(*per_task_table(panel), text_columns=1))
+        body.append("<h3>Costs</h3>" + table(COST_HEADERS, cost_rows(panel), text_columns=1))
+    body.append(
+        "<h2>Sweep wall time (sum of part wall seconds, calibration included)</h2>"
+        + table(SWEEP_HEADERS, sweep_rows(records), text_columns=2)
+    )
+    body.append("<h2>Provenance</h2>" + table(PROVENANCE_HEADERS, provenance_rows(records), text_columns=6))
     return page(title, "\n".join(body))
 
 
 def build_report(records: Sequence[dict], out_dir: Path) -> Path:
     """Write the PNG plots and ``report.html`` into ``out_dir`` (atomically); return the HTML path."""
-    plots = {name: plot(records) for name, plot in PLOTTERS.items()}
-    for name, png in plots.items():
+    gate_result, panels = analyse(records)
+    pngs = plots(panels)
+    for name, png in pngs.items():
         write_atomic(out_dir / name, png)
     path = out_dir / "report.html"
-    write_atomic(path, render_html(records, plots))
+    write_atomic(path, render_html(records, gate_result, panels, pngs))
     return path
