@@ -205,7 +205,8 @@ def check_kept_tokens(arch: str, policy_name: str, group_reduce: str) -> None:
     prompt = ids(N, seed=2)
     RECORDED.clear()
     plain_logits(model, prompt, attn="record")
-    options = {"window": 8} if policy_name == "snapkv" else {}
+    # TOVA per KV head here; its default, one choice per layer, has its own test below.
+    options = {"snapkv": {"window": 8}, "tova": {"heads": "kv"}}.get(policy_name, {})
     cache = make_cache(model, policy_name, ratio=0.5, options={**options, "group_reduce": group_reduce})
     prefill(model, prompt, cache)
     budget = N // 2
@@ -216,6 +217,34 @@ def check_kept_tokens(arch: str, policy_name: str, group_reduce: str) -> None:
             assert head.positions.shape == (1, budget)
             assert torch.equal(head.positions.long(), expected[h]), (policy_name, layer.layer_idx, h)
             torch.testing.assert_close(head.keys, key[:, h].gather(1, expected[h][..., None].expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tova_keeps_in_every_head_the_top_tokens_of_the_last_query_averaged_over_the_layer(arch):
+    """TOVA as Oren et al. (2024) define it: one choice per layer, by the last query's attention averaged over
+    every query head of the layer."""
+    model = tiny_model(arch)
+    prompt = ids(N, seed=2)
+    RECORDED.clear()
+    plain_logits(model, prompt, attn="record")
+    cache = make_cache(model, "tova", ratio=0.5)
+    prefill(model, prompt, cache)
+    budget = N // 2
+    for layer in filled_layers(cache, model, N):
+        query, key, scaling = RECORDED[layer.layer_idx]
+        group = query.shape[1] // key.shape[1]
+        last = (query[:, :, -1:] @ key.repeat_interleave(group, 1).transpose(-1, -2)) * scaling
+        expected = torch.topk(last.softmax(-1).mean(dim=(1, 2)), budget, dim=1).indices.sort(dim=1).values
+        for head in layer.heads:
+            assert torch.equal(head.positions.long(), expected), layer.layer_idx
+    per_kv_head = make_cache(model, "tova", ratio=0.5, options={"heads": "kv"})
+    prefill(model, prompt, per_kv_head)
+    if model.config.num_key_value_heads > 1:  # per KV head, the heads of some layer choose differently
+        choices = [{tuple(h.positions[0].tolist()) for h in layer.heads} for layer in per_kv_head.compressed_layers]
+        assert any(len(c) > 1 for c in choices)
+    with pytest.raises(HeadwiseError, match="same tokens in every head"):
+        make_plan("tova", ratio=0.5, options={"allocation": "adaptive"})
+    make_plan("tova", ratio=0.5, options={"allocation": "adaptive", "heads": "kv"})
 
 
 # --- attention over the compressed cache = attention to the kept keys at their original positions ---------

@@ -115,6 +115,9 @@ class Plan:
         if not 0 <= self.floor <= 1:
             raise HeadwiseError(f"floor must be in [0, 1], got {self.floor}")
         check_schedule(self.schedule, self.slope)
+        if self.policy.scores_per_layer() and self.allocation != "uniform":
+            raise HeadwiseError(f"policy '{self.policy.name}' keeps the same tokens in every head of a layer: "
+                                "it takes no adaptive allocation")
         sets_head_budgets = type(self.policy).head_budgets is not Policy.head_budgets
         if sets_head_budgets and (self.schedule, self.allocation) != ("uniform", "uniform"):
             raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
@@ -454,11 +457,22 @@ class CompressedLayer(CacheLayerMixin):
             probs = probs.mean(dim=1) if self.plan.group_reduce == "mean" else probs.amax(dim=1)
             head.state = head.policy.accumulate(head.state[:, None], probs[:, None])[:, 0]
 
-    def scores(self, head: _Head, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
-        """Policy scores [B, n] with protected tokens at +inf and padding at -inf."""
+    def policy_scores(self) -> list[torch.Tensor]:
+        """Each KV head's policy scores [B, n] (float), averaged over the heads where the plan's policy makes
+        one choice per layer (:meth:`~headwise.policies.base.Policy.scores_per_layer`)."""
+        scores = []
+        for head in self.heads:
+            tensors = (head.keys, head.values, head.state, head.positions)
+            scores.append(head.policy.score(*(t[:, None] for t in tensors))[:, 0].float())
+        if self.plan.policy.scores_per_layer():
+            shared = torch.stack(scores).mean(dim=0)  # the heads hold the same tokens (one choice per layer)
+            scores = [shared] * len(scores)
+        return scores
+
+    def scores(self, head: _Head, score: torch.Tensor, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
+        """``head``'s policy scores ``score`` [B, n] with protected tokens at +inf and padding at -inf."""
         policy = head.policy
-        s = policy.score(head.keys[:, None], head.values[:, None], head.state[:, None], head.positions[:, None])[:, 0]
-        s = s.float().clone()
+        s = score.clone()
         n = s.shape[1]
         is_valid = valid if valid is not None else torch.ones_like(s, dtype=torch.bool)
         rank = is_valid.long().cumsum(dim=1) - 1
@@ -477,11 +491,13 @@ class CompressedLayer(CacheLayerMixin):
             counts = [min(c, n) for c, n in zip(by_role, self.kept(), strict=True)]
             if counts == self.kept():
                 return
-            scores = [self.scores(head, v, c) for head, v, c in zip(self.heads, valid, counts, strict=True)]
+            scores = [self.scores(head, s, v, c)
+                      for head, s, v, c in zip(self.heads, self.policy_scores(), valid, counts, strict=True)]
         elif all(n <= budget for n in self.kept()):
             return
         else:
-            scores = [self.scores(head, v, budget) for head, v in zip(self.heads, valid, strict=True)]
+            scores = [self.scores(head, s, v, budget)
+                      for head, s, v in zip(self.heads, self.policy_scores(), valid, strict=True)]
             if self.plan.allocation == "adaptive":
                 floor = floor_tokens(budget, self.plan.floor)
                 counts = adaptive_counts([s.mean(dim=0) for s in scores], budget * len(self.heads), floor)

@@ -74,6 +74,12 @@ class Policy:
         """
         return None
 
+    def scores_per_layer(self) -> bool:
+        """True if the policy makes one choice per layer: the cache averages the scores of the layer's KV heads
+        before selecting, so every head keeps the same tokens (TOVA). False (default): each KV head keeps its
+        own top scores. Only the plan's own policy is asked (a composite's per-head policies are not)."""
+        return False
+
     def bind(self, config) -> None:
         """Check the policy fits the model (called when a cache is built for it)."""
 
