@@ -25,6 +25,7 @@ Every figure is computed from the answers (``samples`` of each part), not from p
 from __future__ import annotations
 
 import io
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ def fmt(interval: Interval | None, digits: int = 3, sign: bool = False) -> str:
     if interval is None:
         return ""
     spec = f"{'+' if sign else ''}.{digits}f"
-    if interval.lo != interval.lo:  # NaN: a single context
+    if math.isnan(interval.lo):  # a single context per task: no spread to estimate
         return f"{interval.mean:{spec}} [n/a]"
     return f"{interval.mean:{spec}} [{interval.lo:{spec}}, {interval.hi:{spec}}]"
 
@@ -564,8 +565,8 @@ def _draw_lines(ylabel: str, ylim: tuple[float, float] | None) -> Callable[[obje
             xs = [x for x, _ in pts]
             ys = [iv.mean for _, iv in pts]
             err = [
-                [max(iv.mean - iv.lo, 0) if iv.lo == iv.lo else 0 for _, iv in pts],
-                [max(iv.hi - iv.mean, 0) if iv.hi == iv.hi else 0 for _, iv in pts],
+                [0 if math.isnan(iv.lo) else max(iv.mean - iv.lo, 0) for _, iv in pts],
+                [0 if math.isnan(iv.hi) else max(iv.hi - iv.mean, 0) for _, iv in pts],
             ]
             ax.errorbar(xs, ys, yerr=err, capsize=3, label=name, **_style(library, method, protocol))
         ax.set_ylabel(ylabel)
@@ -582,9 +583,8 @@ def _plot(
     title: str,
     ylim: tuple[float, float] | None = None,
 ) -> bytes:
-    data = {id(p): points_of(p) for p in panels}
     draw = _draw_lines(ylabel, ylim)
-    return _figure_png(lambda ax, panel: draw(ax, data[id(panel)]), panels, title)
+    return _figure_png(lambda ax, panel: draw(ax, points_of(panel)), panels, title)
 
 
 def _headline_points(value: str) -> Callable[[Panel], dict]:
