@@ -1,35 +1,46 @@
-"""The results store: one JSON record per finished benchmark cell, appended to a JSONL file.
+"""The results store: one JSON record per finished *part* (one benchmark cell on one context), appended to a
+JSONL file.
 
 Safety against interruption: each record is written as one line with a single ``write``, then flushed and
-``fsync``-ed before the next cell starts, so a killed sweep loses at most the cell in flight. A crash in
+``fsync``-ed before the next part starts, so a killed sweep loses at most the part in flight. A crash in
 the middle of a write leaves a truncated last line; readers skip such malformed lines with a warning
-(they cannot be trusted, and the cell is simply run again), the next append first ends the broken
+(they cannot be trusted, and the part is simply run again), the next append first ends the broken
 line so it never corrupts a good record, and the next sweep moves it out of the store into
 ``<store>.torn`` (:func:`repair`), so it warns once. Lines are split at ``"\n"`` only: a record's text may
-hold other line breaks (U+2028, U+0085). A cell is identified by ``key`` (see
-:func:`headwise.bench.runner.Cell.key`); a sweep skips cells whose key is already stored, and readers keep
-the last record of a key, so re-running never duplicates a cell.
+hold other line breaks (U+2028, U+0085). A part is identified by ``key`` (see
+:func:`headwise.bench.runner.Cell.part_key`); a sweep skips parts whose key is already stored, and readers keep
+the last record of a key, so re-running never duplicates a part.
+
+Committed stores are gzip-compressed copies, ``<store>.gz`` (:func:`pack`, written after every sweep):
+:func:`read_records` reads the copy when the store itself is absent (a clean clone), and :func:`unpack`
+restores the store from it before a sweep resumes.
 
 Record fields (one JSON object per line; peer runners such as the kvpress one write the same fields)
 --------------------------------------------------------------------------------------------------
 identity
-    ``key`` (str; optional for peers, derived from the identity fields when absent), ``library``
-    (``"headwise"`` or ``"kvpress"``), ``model`` (str), ``method`` (str),
-    ``options`` (object), ``ratio`` (float, fraction of the context's KV removed; 0 for the full cache),
-    ``task`` (str), ``length`` (int, target tokens), ``protocol`` (``"agnostic"``: context compressed before
-    the question is seen, or ``"aware"``: the whole prompt with the question compressed), ``n_samples``
-    (int), ``seed`` (int), ``chunk_size`` (int or null, prefill chunk).
-metrics (means over the samples)
-    ``score`` (float in [0, 1]), ``kv_bytes`` (bytes of keys and values physically held after the
-    compressed prefill), ``peak_rss`` (bytes, absolute peak resident memory of the process during a
-    sample, max over samples), ``peak_rss_delta`` (bytes above the level at the start of the sample, max
-    over samples), ``prefill_seconds`` (compressed part of the prompt), ``question_seconds`` (feeding
-    the uncompressed rest; 0 for ``aware``), ``decode_tokens_per_second``, ``token_length`` (mean prompt
-    tokens), ``wall_seconds`` and ``cpu_seconds`` (the whole cell: elapsed, and CPU time of all the process's
-    threads, which tells a busy machine from a slow method), ``samples`` (list of per-sample objects:
-    ``id``, ``depth``, ``needle_depth``, ``score``,
-    ``output``, ``answers``, ``prompt_tokens``, ``kv_bytes``, ``prefill_seconds``, ``question_seconds``,
-    ``decode_tokens_per_second``, ``peak_rss``, ``peak_rss_delta``).
+    ``key`` (str, the part's key; optional for peers, derived from the identity fields when absent), ``cell``
+    (str, the cell's key: every part of a cell shares it), ``library`` (``"headwise"`` or a peer's name),
+    ``model`` (str), ``method`` (str), ``options`` (object, as given), ``resolved`` (object, every option with
+    its default; the cell key hashes these), ``ratio`` (float, fraction of the context's KV removed; 0 for the
+    full cache), ``task`` (str), ``length`` (int, target tokens), ``protocol`` (``"agnostic"``: context
+    compressed before the question is seen, or ``"aware"``: the prompt with the question compressed),
+    ``n_samples`` (int, contexts in the cell), ``seed`` (int), ``chunk_size`` (int or null, prefill chunk),
+    ``calibration`` (bool: the full cache on the calibration seed, see :mod:`headwise.bench.calibration`),
+    ``fingerprint`` (str, the code and versions that computed it), ``context_id`` (str).
+metrics of the part
+    ``score`` (mean over its answers), ``kv_bytes`` (bytes of keys and values physically held after the
+    compressed prefill; the mean over the caches built: one per question for ``aware``), ``prefill_seconds``
+    (the compressed part of the prompt; with ``shared_prefill`` the shared dense forward plus this cell's
+    compression), ``compress_seconds`` (the compression alone on the shared path, else 0), ``shared_prefill``
+    (bool), ``peak_rss`` (bytes, absolute peak resident memory of the process during the part),
+    ``peak_rss_delta`` (bytes above the level at its start), ``wall_seconds`` and ``cpu_seconds`` (the whole
+    part: elapsed, and CPU time of all the process's threads, which tells a busy machine from a slow method).
+``samples``: one object per answer
+    ``id`` (the question's id: the pairing key across methods and libraries), ``context_id``, ``depth``,
+    ``needle_depth``, ``score``, ``output``, ``answer_ids`` (the greedy answer's token ids), ``answers``,
+    ``prompt_tokens``, ``question_seconds`` (feeding the question), ``decode_tokens_per_second``, ``nll`` (mean
+    NLL per token of the full cache's answer teacher-forced in this cache), ``top1`` (fraction of those tokens
+    still ranked first), ``nll_full`` (the full cache's own NLL of its answer).
 provenance
     ``versions`` (object: ``headwise``, ``torch``, ``transformers``, or the peer's), ``git_commit`` (str or
     null), ``machine`` (object: ``platform``, ``python``, ``cpu_count``, ``torch_threads``),
@@ -38,6 +49,7 @@ provenance
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -85,14 +97,34 @@ def parse_line(line: str) -> dict | None:
     return record if "key" in record else {**record, "key": identity_key(record)}
 
 
+def packed(path: Path) -> Path:
+    """The gzip-compressed copy of a store: ``<store>.gz``."""
+    return path.with_name(path.name + ".gz")
+
+
+def pack(path: Path) -> None:
+    """Write the store's compressed copy atomically (reproducible bytes: no name or time in the gzip header)."""
+    if path.exists():
+        write_atomic(packed(path), gzip.compress(path.read_bytes(), mtime=0))
+
+
+def unpack(path: Path) -> None:
+    """Restore an absent store from its compressed copy, so a sweep resumes from a clean clone."""
+    if not path.exists() and packed(path).exists():
+        write_atomic(path, gzip.decompress(packed(path).read_bytes()))
+
+
 def read_lines(path: Path) -> list[str]:
-    """The lines of a JSONL file, split at ``"\n"`` only; bytes that are not UTF-8 (a torn line) are replaced."""
-    return path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    """The lines of a JSONL file (or of its compressed copy when the file is absent), split at ``"\n"`` only;
+    bytes that are not UTF-8 (a torn line) are replaced."""
+    data = path.read_bytes() if path.exists() else gzip.decompress(packed(path).read_bytes())
+    return data.decode("utf-8", errors="replace").split("\n")
 
 
 def read_records(path: Path) -> list[dict]:
-    """All valid records of a results file, the last one per key, in file order; malformed lines warn."""
-    if not path.exists():
+    """All valid records of a results file (or of its compressed copy), the last one per key, in file order;
+    malformed lines warn."""
+    if not path.exists() and not packed(path).exists():
         return []
     by_key: dict[str, dict] = {}
     for number, line in enumerate(read_lines(path), 1):
@@ -108,7 +140,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def completed_keys(path: Path) -> set[str]:
-    """Keys of the cells already stored in ``path``."""
+    """Keys of the parts already stored in ``path``."""
     return {r["key"] for r in read_records(path)}
 
 
