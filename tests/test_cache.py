@@ -384,13 +384,19 @@ def test_adaptive_allocation_gives_heads_different_budgets_and_frees_their_memor
     assert any(len(set(layer.kept())) > 1 for layer in cache.compressed_layers)
 
 
-def test_pyramid_schedule_shrinks_with_depth_and_meets_the_budget():
-    model = tiny_model("llama")
-    cache = make_cache(model, "knorm", budget=40, options={"schedule": "pyramid", "slope": 0.5})
+@pytest.mark.parametrize(
+    ("policy", "amount", "expected"),
+    [
+        ("knorm", {"budget": 40}, [60, 40, 20]),
+        ("knorm", {"ratio": 0.2}, [100, 90, 50]),  # the first layer holds only 100: its 20 more go to the others
+        ("snapkv", {"ratio": 0.6}, [54, 34, 32]),  # the last layer keeps SnapKV's 32 (its window), not 20
+    ],
+)
+def test_pyramid_schedule_shrinks_with_depth_and_keeps_the_mean_budget(policy, amount, expected):
+    model = tiny_model("llama")  # 3 layers, multipliers 1.5, 1, 0.5
+    cache = make_cache(model, policy, **amount, options={"schedule": "pyramid", "slope": 0.5})
     prefill(model, ids(100, seed=7), cache)
-    per_layer = [layer.kept()[0] for layer in cache.compressed_layers]
-    assert per_layer == sorted(per_layer, reverse=True) and per_layer[0] > per_layer[-1]
-    assert sum(per_layer) / len(per_layer) == pytest.approx(40, abs=1)
+    assert [layer.kept() for layer in cache.compressed_layers] == [[n, n] for n in expected]
 
 
 # --- the three ways to apply it ----------------------------------------------------------------------------

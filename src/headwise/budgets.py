@@ -3,6 +3,8 @@
 * :func:`keep_count`: tokens to keep out of ``seen`` for a ratio removed or a token budget;
 * :func:`layer_fractions`: per-layer multipliers of the average budget (uniform, or a PyramidKV-style
   linear decrease with depth), averaging to 1;
+* :func:`layer_budgets`: tokens per layer from those multipliers, within the bounds a layer can keep, with
+  their mean kept exactly (what a clipped layer cannot take goes to the others);
 * :func:`adaptive_counts`: AdaKV-style split of one layer's budget across its heads, by one top-k over all
   heads' scores with a floor per head;
 * :func:`check_schedule` and :func:`check_prompt`: the plan's layer schedule, and a prompt against the plan.
@@ -44,6 +46,53 @@ def layer_fractions(num_layers: int, schedule: str = "uniform", slope: float = 0
     if schedule == "uniform" or num_layers == 1:
         return [1.0] * num_layers
     return [1.0 + slope * (1.0 - 2.0 * i / (num_layers - 1)) for i in range(num_layers)]
+
+
+def layer_budgets(mean: int, fractions: list[float], low: int, high: int) -> list[int]:
+    """Tokens per layer near ``mean * fractions[i]``, each in ``[low, high]``, summing to ``mean * len(fractions)``.
+
+    A layer's budget is clipped to the bounds (``low``: the policy's minimum, ``high``: all it holds), and
+    what clipping takes from (or gives to) it is spread over the unclipped layers by one common shift
+    (water-filling): budget ``i`` is ``clip(mean * fractions[i] + c, low, high)``, with ``c`` chosen so the
+    total is kept, then rounded to integers by largest remainder (ties to the earlier layer). So the unclipped
+    layers stay an arithmetic sequence, as PyramidKV's (Cai et al. 2024) are, and budgets that decrease with
+    depth before clipping still do.
+
+    Parameters
+    ----------
+    mean : int
+        Average tokens per layer asked for.
+    fractions : list of float
+        Multiplier of ``mean`` per layer (:func:`layer_fractions`, mean 1).
+    low, high : int
+        Bounds of every layer's budget, ``0 <= low <= high``.
+
+    Returns
+    -------
+    list of int
+        Budgets in ``[low, high]`` that sum to ``mean * len(fractions)`` clipped to ``[low, high]`` times the
+        number of layers.
+    """
+    if not fractions:
+        return []
+    layers = len(fractions)
+    total = min(max(mean * layers, low * layers), high * layers)
+    ideal = [mean * f for f in fractions]
+
+    def filled(shift: float) -> float:
+        return sum(min(max(v + shift, low), high) for v in ideal)
+
+    # filled() is piecewise linear and nondecreasing in the shift, with kinks where a layer meets a bound.
+    kinks = sorted({b - v for v in ideal for b in (low, high)})
+    lo = next(k for k in reversed(kinks) if filled(k) <= total)  # all layers at low: filled <= total
+    hi = next(k for k in kinks if k >= lo and filled(k) >= total)  # all layers at high: filled >= total
+    shift = lo if filled(hi) == filled(lo) else lo + (total - filled(lo)) * (hi - lo) / (filled(hi) - filled(lo))
+    exact = [min(max(v + shift, low), high) for v in ideal]
+    counts = [math.floor(x) for x in exact]
+    order = sorted(range(layers), key=lambda i: (counts[i] - exact[i], i))  # largest remainder first
+    for i in [i for i in order if counts[i] < high][: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def adaptive_counts(scores: list[torch.Tensor], total: int, floor: int) -> list[int]:

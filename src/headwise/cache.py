@@ -46,6 +46,7 @@ from headwise.budgets import (
     check_schedule,
     floor_tokens,
     keep_count,
+    layer_budgets,
     layer_fractions,
 )
 from headwise.errors import HeadwiseError
@@ -69,9 +70,10 @@ class Plan:
         ``"prefill"``: compress after each multi-token forward; ``"decode"``: also keep the budget while
         generating.
     schedule : str
-        Per-layer budgets: ``"uniform"`` or ``"pyramid"`` (shrinking with depth, mean unchanged).
+        Per-layer budgets: ``"uniform"`` or ``"pyramid"`` (shrinking with depth, the mean kept exactly even
+        where a layer's budget is clipped to what it can keep: :func:`headwise.budgets.layer_budgets`).
     slope : float
-        Pyramid steepness: first layer ``1 + slope`` times the mean budget, last ``1 - slope``.
+        Pyramid steepness: first layer ``1 + slope`` times the mean budget, last ``1 - slope``, before clipping.
     allocation : str
         Per-head budgets inside a layer: ``"uniform"`` or ``"adaptive"`` (AdaKV).
     floor : float
@@ -123,13 +125,14 @@ class Plan:
             raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
                                 "it takes no schedule or allocation option")
 
-    def layer_target(self, seen: int, fraction: float) -> int:
-        """Tokens one KV head of a layer keeps (on average) after ``seen`` tokens."""
+    def layer_target(self, seen: int, fractions: list[float], rank: int) -> int:
+        """Tokens one KV head of layer ``rank`` keeps (on average) after ``seen`` tokens, where ``fractions``
+        are the multipliers of the mean budget of every compressed layer (:func:`~headwise.budgets.layer_budgets`
+        keeps their mean when a layer's budget is clipped to ``[min_budget, seen]``)."""
         if not self.policy.compresses:
             return seen
         base = keep_count(seen, ratio=self.ratio, budget=self.budget)
-        target = min(seen, round(base * fraction))
-        return max(target, min(seen, self.policy.min_budget()))
+        return layer_budgets(base, fractions, min(seen, self.policy.min_budget()), seen)[rank]
 
     def describe(self) -> str:
         amount = f"ratio {self.ratio}" if self.ratio is not None else f"budget {self.budget}"
@@ -251,10 +254,16 @@ class CompressedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, plan: Plan, fraction: float = 1.0, layer_idx: int = 0) -> None:
+    def __init__(
+        self, plan: Plan, fraction: float = 1.0, layer_idx: int = 0, schedule: dict[int, float] | None = None
+    ) -> None:
+        """``schedule`` maps every compressed layer of the cache (by layer index, this one included) to its
+        multiplier of the mean budget, so that their budgets keep the mean together; without one the layer
+        stands alone with multiplier ``fraction``."""
         super().__init__()
         self.plan = plan
-        self.fraction = fraction
+        self.schedule = dict(schedule) if schedule is not None else {layer_idx: fraction}
+        self.fraction = self.schedule[layer_idx]
         self.layer_idx = layer_idx
         self.heads: list[_Head] = []
         self.seen = 0
@@ -485,7 +494,8 @@ class CompressedLayer(CacheLayerMixin):
         return s
 
     def _compress(self, valid: list[torch.Tensor | None]) -> None:
-        budget = self.plan.layer_target(self.seen, self.fraction)
+        order = sorted(self.schedule)
+        budget = self.plan.layer_target(self.seen, [self.schedule[i] for i in order], order.index(self.layer_idx))
         by_role = self.plan.policy.head_budgets(self.layer_idx, self.seen, budget)
         if by_role is not None:
             counts = [min(c, n) for c, n in zip(by_role, self.kept(), strict=True)]
@@ -524,7 +534,8 @@ class HeadwiseCache(Cache):
         fractions = dict(zip(full, layer_fractions(len(full), plan.schedule, plan.slope), strict=True))
         dense = DynamicCache(config=config).layers  # transformers' own layer for each sliding layer
         layers: list[CacheLayerMixin] = [
-            CompressedLayer(plan, fractions[i], i) if i in fractions else dense[i] for i in range(len(layer_types))
+            CompressedLayer(plan, fractions[i], i, fractions) if i in fractions else dense[i]
+            for i in range(len(layer_types))
         ]
         super().__init__(layers=layers)
         plan.policy.bind(config)
