@@ -247,6 +247,19 @@ def test_tova_keeps_in_every_head_the_top_tokens_of_the_last_query_averaged_over
     make_plan("tova", ratio=0.5, options={"allocation": "adaptive", "heads": "kv"})
 
 
+def test_random_drops_different_tokens_in_every_head_and_layer_reproducibly():
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+
+    def choices(seed: int) -> list[tuple[int, ...]]:
+        cache = make_cache(model, "random", ratio=0.5, options={"seed": seed})
+        prefill(model, ids(N, seed=5), cache)
+        return [tuple(h.positions[0].tolist()) for layer in filled_layers(cache, model, N) for h in layer.heads]
+
+    first = choices(0)
+    assert len(set(first)) == len(first) == 6
+    assert choices(0) == first and choices(1) != first
+
+
 # --- attention over the compressed cache = attention to the kept keys at their original positions ---------
 
 

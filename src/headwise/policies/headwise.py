@@ -239,7 +239,8 @@ class HeadAware(Policy):
         return dict(self._kinds)
 
     def for_head(self, layer_idx: int, head: int) -> Policy:
-        return self._streaming if self._kinds[layer_idx, head] == "streaming" else self._other
+        ranking = self._streaming if self._kinds[layer_idx, head] == "streaming" else self._other
+        return ranking.for_head(layer_idx, head)
 
     def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int]:
         if self._memo is None or self._memo[0] != (seen, budget):
