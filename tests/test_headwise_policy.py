@@ -98,10 +98,16 @@ def test_role_budgets_with_curves_share_what_retrieval_leaves_by_coverage():
     assert counts == [100, 20, 60, 80]
 
 
-def synthetic_profile(model, tmp_path, kv_roles, retrieval, kv_metrics=None, settings=None) -> str:
+def synthetic_profile(model, tmp_path, kv_roles, retrieval, kv_metrics=None, settings=None, locality=True) -> str:
+    """A profile of ``model`` with these roles and retrieval scores; unless ``kv_metrics`` has its own or
+    ``locality`` is False, every head covers half its attention with the sinks plus 8 keys, 0.8 with 32,
+    as ``headwise profile`` measures it (the coverage budgets read these curves)."""
     cfg = model.config
     layers, heads, kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     group = heads // kv
+    if locality and not kv_metrics:
+        kv_metrics = {f"locality_{w}": [[m] * kv for _ in range(layers)] for w, m in ((8, 0.5), (32, 0.8))}
+        settings = {"windows": [8, 32], "n_sink": 2, **(settings or {})}
     profile = HeadProfile(
         model="tiny", num_layers=layers, num_heads=heads, num_kv_heads=kv,
         layer_types=list(getattr(cfg, "layer_types", None) or ["full_attention"] * layers),
@@ -122,7 +128,8 @@ def test_headwise_policy_frees_streaming_heads_and_keeps_retrieval_heads(tmp_pat
     retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
     path = synthetic_profile(model, tmp_path, roles, retrieval)
     n, ratio = 200, 0.6
-    cache = make_cache(model, "headwise", ratio=ratio, options={"profile": path, "sinks": 2, "window": 10})
+    cache = make_cache(model, "headwise", ratio=ratio,
+                       options={"profile": path, "sinks": 2, "window": 10, "budgets": "roles"})
     prefill(model, torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0)), cache)
     kept = cache.kept()
     assert kept[0][0] == n  # the retrieval head keeps everything
@@ -167,7 +174,7 @@ def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality
     metrics = {m: [[0.0 if h is None else h[m] for h in layer] for layer in heads] for m in near}
     path = synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
     n, ratio = 200, 0.6
-    options = {"profile": path, "sinks": 2, "window": 4, "budgets": "coverage"}
+    options = {"profile": path, "sinks": 2, "window": 4}  # budgets=coverage, the default
     cache = make_cache(model, "headwise", ratio=ratio, options=options)
     prefill(model, torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0)), cache)
     kept = cache.kept()
@@ -182,9 +189,10 @@ def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality
     assert mixed.positions[0].tolist() != [0, 1, *range(n - kept[2][1] + 2, n)]
     with pytest.raises(HeadwiseError, match="budgets must be"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "budgets": "even"})
-    bare = synthetic_profile(model, tmp_path, roles, retrieval)
+    bare = synthetic_profile(model, tmp_path, roles, retrieval, locality=False)
     with pytest.raises(HeadwiseError, match="locality metrics"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare})
+    make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare, "budgets": "roles"})
 
 
 def test_a_profile_with_unknown_roles_or_layer_types_is_refused(tmp_path):

@@ -7,23 +7,23 @@ optimisation; here they come from a :class:`~headwise.profile.schema.HeadProfile
 inputs (``headwise profile``), with no training, and the memory of every shrunk head is freed.
 
 Budgets are shared over all compressed KV heads of the model, so the total meets the requested ratio or
-token budget exactly (see :func:`role_budgets`):
+token budget exactly (see :func:`role_budgets`). With ``budgets="coverage"`` (the default):
 
 1. every head first gets a floor of ``sinks + window`` tokens (all a streaming head needs);
 2. retrieval heads, strongest retrieval score first, then grow to the whole context;
-3. the remaining heads (induction, mixed) share what is left, evenly, up to the whole context;
-4. anything still left goes back to the streaming heads.
+3. what is left goes to all the other heads, whatever their role, by the profile's locality curve of each
+   (attention mass inside the sinks plus the last ``w`` keys, measured at several ``w``), so that over all
+   heads the kept windows would cover as much attention mass as the budget allows (see
+   :func:`coverage_budgets`). A head whose attention reaches far back gets a large budget; a head that looks
+   only at its last few tokens gets a small one.
 
-Streaming heads (profile roles ``local`` and ``sink``) keep the sinks plus the most recent tokens
-(StreamingLLM); the others keep their top tokens by ``other`` (SnapKV by default).
+With ``budgets="roles"``, step 3 follows the roles instead: the heads that are neither retrieval nor streaming
+(induction, mixed) share what is left, evenly, up to the whole context, and anything still left goes back to
+the streaming heads.
 
-With ``budgets="coverage"``, steps 3 and 4 become one: what the retrieval heads leave goes to all the other
-heads, whatever their role, by the profile's locality curve of each (attention mass inside the sinks plus the
-last ``w`` keys, measured at several ``w``), so that over all heads the kept windows would cover as much
-attention mass as the budget allows (see :func:`coverage_budgets`). A head whose attention reaches far back
-gets a large budget; a head that looks only at its last few tokens gets a small one. Each head still ranks
-its tokens by its role (streaming heads by recency, the others by ``other``); ``other=streaming_llm`` makes
-every head keep sinks plus a recent window.
+Either way each head ranks its tokens by its role: streaming heads (profile roles ``local`` and ``sink``) keep
+the sinks plus the most recent tokens (StreamingLLM), the others their top tokens by ``other`` (SnapKV by
+default); ``other=streaming_llm`` makes every head keep sinks plus a recent window.
 
 RazorAttention's compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies
 to any policy).
@@ -174,11 +174,10 @@ class HeadAware(Policy):
     retrieval_threshold : float
         KV heads whose retrieval score reaches this are retrieval heads, whatever their profile role.
     budgets : str
-        ``"roles"``: streaming heads keep sinks + window and the other heads share what the retrieval heads
-        leave; ``"coverage"``: all non-retrieval heads share it by the profile's locality curves (see the
-        module docstring). Coverage follows the full cache more closely in every measurement so far
-        (BENCHMARKS.md); ``"roles"`` stays the default because results stores key a cell by the options as
-        given, so a new default would change what their ``headwise`` rows mean.
+        ``"coverage"`` (default): all non-retrieval heads share what the retrieval heads leave by the
+        profile's locality curves (the profile needs its locality metrics, which ``headwise profile`` writes);
+        ``"roles"``: streaming heads keep sinks + window and the other heads share it (see the module
+        docstring). Coverage follows the full cache more closely (answer NLL and top-1 agreement, BENCHMARKS.md).
     """
 
     name: ClassVar[str] = "headwise"
@@ -187,7 +186,7 @@ class HeadAware(Policy):
     window: int = 64
     other: str = "snapkv"
     retrieval_threshold: float = 0.1
-    budgets: str = "roles"
+    budgets: str = "coverage"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -225,7 +224,8 @@ class HeadAware(Policy):
         windows = self._profile.settings.get("windows", [])
         n_sink = self._profile.settings.get("n_sink", 0)
         if not windows or any(f"locality_{w}" not in self._profile.kv_metrics for w in windows):
-            raise HeadwiseError("headwise: budgets=coverage needs a profile with locality metrics")
+            raise HeadwiseError("headwise: budgets=coverage (the default) needs a profile with locality metrics; "
+                                "give budgets=roles for one without")
         return {
             (layer, head): [(n_sink + w, self._profile.kv_metrics[f"locality_{w}"][layer][head]) for w in windows]
             for layer, head in self._kinds
