@@ -534,7 +534,7 @@ class HeadwiseCache(Cache):
         fractions = dict(zip(full, layer_fractions(len(full), plan.schedule, plan.slope), strict=True))
         dense = DynamicCache(config=config).layers  # transformers' own layer for each sliding layer
         layers: list[CacheLayerMixin] = [
-            CompressedLayer(plan, fractions[i], i, fractions) if i in fractions else dense[i]
+            CompressedLayer(plan, layer_idx=i, schedule=fractions) if i in fractions else dense[i]
             for i in range(len(layer_types))
         ]
         super().__init__(layers=layers)
