@@ -1,9 +1,12 @@
-"""Benchmark tasks: deterministic, the answer really is in the context at the stated depth and length."""
+"""Benchmark tasks: deterministic, several independent questions per context, the answer really is in the context
+at the stated depth and length."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections import Counter
 
 import pytest
 
@@ -12,8 +15,15 @@ from headwise.bench import haystack, scoring, tasks
 from headwise.errors import HeadwiseError
 
 
-def make(task: str, length: int = 1024, n: int = 3, seed: int = 0) -> list[tasks.Sample]:
-    return tasks.generate(task, length, n, seed, count_words, tokenizer_name="words")
+def make(task: str, length: int = 2048, n: int = 3, seed: int = 0, **kwargs) -> list[tasks.Sample]:
+    return tasks.generate(task, length, n, seed, count_words, tokenizer_name="words", **kwargs)
+
+
+def by_context(samples: list[tasks.Sample]) -> dict[str, list[tasks.Sample]]:
+    groups: dict[str, list[tasks.Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.context_id, []).append(s)
+    return groups
 
 
 def test_haystack_is_real_varied_prose():
@@ -29,15 +39,29 @@ def test_haystack_is_real_varied_prose():
 def test_generation_is_deterministic_and_varied(task):
     first, again = make(task), make(task)
     assert first == again
-    assert len({s.context for s in first}) == len(first)
+    groups = by_context(first)
+    assert len({qs[0].context for qs in groups.values()}) == len(groups) == 3
     assert make(task, seed=1)[0].context != first[0].context
-    assert [s.id for s in first] == [f"{task}-1024-s0-{i}" for i in range(3)]
+    assert list(groups) == [f"{task}-2048-s0-{i}" for i in range(3)]
+    assert [s.id for s in first] == [f"{task}-2048-s0-{i}-q{j}" for i in range(3) for j in range(tasks.QUESTIONS)]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_questions_of_a_context_share_it_and_are_independent(task):
+    for questions in by_context(make(task)).values():
+        assert len({q.context for q in questions}) == 1
+        assert len({q.question for q in questions}) == len(questions)
+        assert len({tuple(q.answers) for q in questions}) == len(questions)
+        for q in questions:
+            for other in questions:
+                if other is not q:  # no question gives away another's answer
+                    assert not scoring.contains(q.question, other.answers)
 
 
 def needle_span(sample: tasks.Sample) -> tuple[float, float]:
-    """Where the (first) needle starts and ends, as fractions of the context's words.
+    """Where the targeted needle starts and ends, as fractions of the context's words.
 
-    Needles are one or two sentences, except qa's: a whole section, a fifth of a 1K context or more.
+    Needles are one or two sentences, except qa's: a whole section, a paragraph under its title.
     """
     if sample.task != "qa":
         return sample.needle_depth, sample.needle_depth
@@ -46,7 +70,7 @@ def needle_span(sample: tasks.Sample) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
-@pytest.mark.parametrize("length", [1024, 2048])
+@pytest.mark.parametrize("length", [2048, 4096])
 def test_answer_in_context_at_depth_and_length(task, length):
     for sample in make(task, length):
         budget = length - tasks.HEADROOM
@@ -60,16 +84,38 @@ def test_answer_in_context_at_depth_and_length(task, length):
         assert scoring.score(sample.scoring, " ".join(sample.answers), sample.answers) == 1.0
 
 
+def test_each_context_cycles_the_depths_from_its_own_start():
+    depths = (0.2, 0.4, 0.6)
+    for i, questions in enumerate(by_context(make("multikey", depths=depths)).values()):
+        assert [q.depth for q in questions] == [depths[(i + j) % 3] for j in range(tasks.QUESTIONS)]
+
+
 def test_stated_depth_matches_needle_position():
-    for sample in make("passkey", 2048):
+    for sample in make("passkey"):
         key = sample.answers[0]
-        before = sample.context[: sample.context.index(f"The pass key is {key}")]
+        label = re.match(r"What is the (.+)\?", sample.question).group(1)
+        before = sample.context[: sample.context.index(f"The {label} is {key}.")]
         assert count_words(before) / count_words(sample.context) == pytest.approx(sample.needle_depth, abs=0.01)
 
 
+def test_frequent_answer_is_the_most_frequent_word_by_an_independent_count():
+    for sample in make("frequent", n=4):
+        category = re.match(r"Which (\w+) of the day", sample.question).group(1)
+        counts = Counter(re.findall(rf"The {category} of the day is (\w+)\.", sample.context))
+        (top, n), (_, runner_up) = counts.most_common(2)
+        assert sample.answers == [top]
+        assert n > runner_up
+        assert len(counts) == 1 + len(tasks.RARE)
+
+
+def test_key_words_never_occur_in_the_haystack():
+    text = " ".join(haystack.paragraphs()).lower()
+    assert not [w for w in tasks._key_words() if re.search(rf"\b{w}\b", text)]
+
+
 def test_qa_sentence_is_unique_and_title_is_in_context():
-    for sample in make("qa", 2048):
-        sentence = sample.question.split('"')[1]
+    for sample in make("qa"):
+        sentence = sample.question.split('"', 1)[1].rsplit('" Answer', 1)[0]
         assert sample.context.count(sentence) == 1
         title = sample.answers[0]
         section = sample.context[sample.context.index(f"## {title}") :]
@@ -77,40 +123,43 @@ def test_qa_sentence_is_unique_and_title_is_in_context():
         assert not scoring.contains(sentence, [title])  # quoting the title would give the answer away
 
 
-def test_no_qa_sentence_contains_its_answer():
+def test_no_qa_sentence_contains_a_title():
     sections = haystack.sections()
     candidates = tasks._qa_candidates()
     assert len(candidates) > 300
-    assert not any(scoring.contains(sentence, [sections[i].title]) for i, sentence in candidates)
+    assert not any(scoring.contains(sentence, [s.title for s in sections]) for *_, sentence in candidates)
 
 
-def test_vartrack_chain_is_in_order():
-    sample = make("vartrack", 1024, n=1)[0]
-    first, *rest = sample.answers
-    positions = [sample.context.index(f"VAR {first} = ")]
-    for previous, name in zip(sample.answers, rest, strict=False):
-        positions.append(sample.context.index(f"VAR {name} = VAR {previous}."))
-    assert positions == sorted(positions)
+def test_vartrack_chain_is_in_order_and_leads_to_the_answer():
+    for sample in make("vartrack", n=2):
+        name = re.match(r"What is the value of VAR (\w+)\?", sample.question).group(1)
+        hops = 0
+        while (m := re.search(rf"VAR {name} = VAR (\w+)\.", sample.context)) is not None:
+            source = sample.context.index(f"VAR {m.group(1)} = ")
+            assert source < m.start()
+            name, hops = m.group(1), hops + 1
+        assert hops == tasks.HOPS - 1
+        assert f"VAR {name} = {sample.answers[0]}." in sample.context
 
 
 def test_jsonl_round_trip_and_plain_format(tmp_path):
-    samples = make("multivalue", 1024)
-    path = tasks.task_file(tmp_path, "multivalue", 1024, 0)
+    samples = make("multivalue")
+    path = tasks.task_file(tmp_path, "multivalue", 2048, 0)
     tasks.write_samples(path, samples)
     assert tasks.read_samples(path) == samples
     line = json.loads(path.read_text().splitlines()[0])
     assert set(line) == {
-        "id", "task", "length", "token_length", "depth", "needle_depth", "context", "question", "answers",
-        "scoring", "max_new_tokens", "seed", "tokenizer",
-    }
+        "id", "context_id", "task", "length", "token_length", "depth", "needle_depth", "context", "question",
+        "answers", "scoring", "max_new_tokens", "seed", "tokenizer",
+    }  # fmt: skip
     path.write_text(path.read_text() + "{not json\n")
-    with pytest.raises(HeadwiseError, match=":4:"):
+    with pytest.raises(HeadwiseError, match=f":{len(samples) + 1}:"):
         tasks.read_samples(path)
 
 
 @pytest.mark.parametrize(
     ("args", "match"),
-    [(("nope", 1024, 1), "unknown task"), (("passkey", 100, 1), "at least"), (("passkey", 1024, 0), "samples")],
+    [(("nope", 1024, 1), "unknown task"), (("passkey", 100, 1), "at least"), (("passkey", 1024, 0), "contexts")],
 )
 def test_bad_input_is_a_clear_error(args, match):
     with pytest.raises(HeadwiseError, match=match):
@@ -124,11 +173,11 @@ def test_too_short_for_needles_is_a_clear_error():
 
 def test_a_store_refuses_task_files_that_changed_under_the_same_ids(tmp_path):
     samples = make("passkey", n=2)
-    path = tmp_path / "passkey-1024-s0.jsonl"
+    path = tmp_path / "passkey-2048-s0.jsonl"
     tasks.check_unchanged(path, samples)  # no file yet
     tasks.write_samples(path, samples)
     tasks.check_unchanged(path, samples)
-    tasks.check_unchanged(path, make("passkey", n=3))  # more samples: the first two are the same
-    edited = [dataclasses.replace(samples[0], question=samples[0].question + " Be brief."), samples[1]]
+    tasks.check_unchanged(path, make("passkey", n=3))  # more contexts: the first two are the same
+    edited = [dataclasses.replace(samples[0], question=samples[0].question + " Be brief."), *samples[1:]]
     with pytest.raises(HeadwiseError, match="new --out"):
         tasks.check_unchanged(path, edited)  # e.g. a new version of the generator

@@ -1,47 +1,55 @@
 """Long-context tasks generated offline and reproducibly from a seed, written as plain JSONL.
 
-Task designs follow RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context
+Every context carries several independent questions (:data:`QUESTIONS`), each aimed at its own needle(s), so one
+prefill of the context (compressed once, question-agnostic) answers all of them; no question names another's
+answer. Task designs follow RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context
 Language Models?") and the needle-in-a-haystack / passkey tests (Kamradt 2023; Mohtashami and Jaggi 2023),
-with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of a repeated filler sentence:
+with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of a repeated filler sentence.
+Needle keys are words that never occur in that prose (:data:`CATEGORIES`), so the prose does not compete with
+the needles. They are calibrated so that a small model with the full cache can answer (issue 13): redundant
+needle sentences, short chains, questions that echo the needle's wording.
 
-``passkey``
-    one needle, "The pass key is 71432. Remember it. 71432 is the pass key."; asked for the number.
-``multikey``
-    RULER's multi-key NIAH: four "One of the special magic numbers for <word> is: <7 digits>." needles
-    with different key words (three are distractors); asked for one key's number.
-``multivalue``
-    RULER's multi-value NIAH: four needles with the same key word and different numbers; asked for all
-    of them (scored by the fraction found).
-``vartrack``
-    RULER's variable tracking: a chain "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (four
-    variables) and a distractor chain with another value; asked for every variable holding the value.
-``kv``
+``passkey`` (single-needle retrieval)
+    four needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
+    each question asks for one label's number.
+``multikey`` (retrieval with distractors)
+    RULER's multi-key NIAH: four "One of the special magic numbers for <key> is: <7 digits>. ..." needles of
+    the same form; each question asks for one key's number, the other three needles are its distractors.
+``multivalue`` (multi-needle retrieval)
+    RULER's multi-value NIAH: four keys with two numbers each; each question asks for all the numbers of one
+    key (scored by the fraction found).
+``vartrack`` (multi-hop tracing)
+    RULER's variable tracking, shortened: four chains "VAR TIGER = 12345." then "VAR PLUM = VAR TIGER."
+    (:data:`HOPS` variables each, the statements of a chain side by side); each question asks for the value
+    of a chain's last variable.
+``kv`` (retrieval with hard distractors)
     key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): eight
-    'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; asked for one value.
-``qa``
+    'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; four are asked for.
+``qa`` (a question about a passage)
     question answering over real prose, verifiable offline: the context is a run of titled sections of
-    the Python language reference (``## <title>`` then its first paragraph; the target section keeps up to
-    three paragraphs). The question quotes one sentence
-    of the target section (placed at the stated depth; the sentence occurs nowhere else in the corpus)
-    and asks for the title of the section that contains it. The answer is the title as written in the
-    text, so it needs no human labelling; the model has to locate a passage by content and read the
-    header above it, i.e. retrieval plus a one-hop association over prose. The reference has about 115
-    uniquely titled sections, so at 8K tokens a QA context reaches only about 7.2K tokens (``token_length``
-    says so; it stays above the ``MIN_FILL`` bound).
+    the Python language reference (``## <title>`` then one paragraph). Each question quotes one sentence of a
+    target section (placed at its depth; the sentence occurs nowhere else in the corpus and contains no title)
+    and asks for the title of the section that contains it: retrieval plus a one-hop association over prose.
+``frequent`` (aggregation)
+    frequent-word extraction, after RULER's common words: in each of four categories, one word is named
+    :data:`FREQUENT` times ("The fruit of the day is plum.") and others :data:`RARE` times, at random depths;
+    each question asks for one category's most frequent word.
 
 Every context opens with a short task instruction that names no answer (the preambles of RULER's templates
 and of the original passkey test), so it is fair to the question-agnostic protocol.
 
-Lengths are measured with the model's tokenizer. A sample of target length ``L`` holds at most
+Lengths are measured with the model's tokenizer. A question of target length ``L`` holds at most
 ``L - HEADROOM`` tokens of ``context + "\\n\\n" + question`` (``token_length``), so a chat template and the
 answer still fit in an ``L``-token window; fillers are whole paragraphs, so ``token_length`` falls a
-little short of that bound. Needles go in at paragraph boundaries; ``needle_depth`` is the measured token
-position of the (first) target needle divided by the context's token count, ``depth`` the requested one.
+little short of that bound. Needles go in at paragraph boundaries. Context ``i`` puts its ``j``-th target
+needle at ``depths[(i + j) % len(depths)]`` (``depth``, requested); ``needle_depth`` is the measured token
+position of the question's target needle divided by the context's token count.
 
-JSONL format (one sample per line, UTF-8; every field plain JSON so that another library's runner can
-read it without importing headwise):
+JSONL format (one question per line, the questions of a context on consecutive lines, UTF-8; every field
+plain JSON so that another library's runner can read it without importing headwise):
 
-``id`` (str, ``<task>-<length>-s<seed>-<index>``), ``task`` (str), ``length`` (int, target tokens),
+``id`` (str, ``<context_id>-q<j>``), ``context_id`` (str, ``<task>-<length>-s<seed>-<index>``; every question
+of a context carries the identical ``context``), ``task`` (str), ``length`` (int, target tokens),
 ``token_length`` (int, measured tokens of context + "\\n\\n" + question), ``depth`` (float, requested),
 ``needle_depth`` (float, measured), ``context`` (str), ``question`` (str), ``answers`` (list of str),
 ``scoring`` (str: ``exact``, ``contains`` or ``part``, see :mod:`headwise.bench.scoring`),
@@ -78,9 +86,10 @@ CountTokens = Callable[[str], int]
 
 @dataclass(frozen=True)
 class Sample:
-    """One task instance; field meanings in the module docstring."""
+    """One question on one context; field meanings in the module docstring."""
 
     id: str
+    context_id: str
     task: str
     length: int
     token_length: int
@@ -110,15 +119,28 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Question:
+    """One question of a context: its text, answers, scoring rule, decode budget and the needle it targets
+    (an index into :attr:`Spec.needles`; that needle's depth is the question's depth)."""
+
+    question: str
+    answers: tuple[str, ...]
+    scoring: str
+    max_new_tokens: int
+    needle: int
+
+
+@dataclass(frozen=True)
 class Spec:
-    """What a task builder returns: needles (depth, text; the target first), filler units and the question."""
+    """What a task builder returns: needles (depth, text), filler units and the context's questions."""
 
     needles: list[tuple[float, str]]
     filler: list[str]
-    question: str
-    answers: list[str]
-    scoring: str
-    max_new_tokens: int
+    questions: list[Question]
+
+
+Depths = Callable[[int], float]
+"""The requested depth of a context's ``j``-th target needle."""
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -127,6 +149,16 @@ class Spec:
 def _digits(rng: random.Random, n: int) -> str:
     """A random ``n``-digit number with no leading zero."""
     return str(rng.randrange(10 ** (n - 1), 10**n))
+
+
+def _distinct(rng: random.Random, make: Callable[[], str], n: int) -> list[str]:
+    """``n`` different values drawn with ``make`` (so no two questions of a context share an answer)."""
+    found: list[str] = []
+    while len(found) < n:
+        value = make()
+        if value not in found:
+            found.append(value)
+    return found
 
 
 def _name(rng: random.Random) -> str:
@@ -139,10 +171,10 @@ def _identifier(rng: random.Random) -> str:
     return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
 
 
-@cache
 def _key_words() -> tuple[str, ...]:
-    """Plain lower-case words of the corpus, used as needle keys (RULER draws keys from a word list)."""
-    return tuple(sorted({w for p in haystack.paragraphs() for w in re.findall(r"\b[a-z]{6,11}\b", p)}))
+    """Needle keys: the category words, none of which occurs in the haystack prose (a key that the prose also
+    uses would compete with the needle for the model's attention)."""
+    return tuple(sorted(w for words in CATEGORIES.values() for w in words))
 
 
 def _shuffled_paragraphs(rng: random.Random) -> list[str]:
@@ -157,48 +189,97 @@ def _random_depths(rng: random.Random, n: int) -> list[float]:
     return [rng.random() for _ in range(n)]
 
 
-def build_passkey(rng: random.Random, depth: float) -> Spec:
-    """Passkey retrieval: one five-digit key repeated in its needle sentence."""
-    key = _digits(rng, 5)
+QUESTIONS = 4
+"""Questions per context (each targets its own needles, so each is answerable alone)."""
+
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "color": ("red", "blue", "green", "yellow", "purple", "orange", "brown", "pink"),
+    "animal": ("cat", "dog", "horse", "tiger", "rabbit", "eagle", "whale", "sheep"),
+    "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"),
+    "bird": ("robin", "sparrow", "owl", "crow", "swan", "heron", "parrot", "finch"),
+    "metal": ("gold", "silver", "copper", "iron", "tin", "zinc", "nickel", "cobalt"),
+}
+
+
+PASSKEY_LABELS = (
+    "pass key",
+    "door code",
+    "room number",
+    "bank PIN",
+    "locker combination",
+    "phone extension",
+    "ticket serial",
+    "order reference",
+)
+
+
+def build_passkey(rng: random.Random, depth: Depths) -> Spec:
+    """Single-needle retrieval: four passkey needles under different labels, each asked for alone."""
+    labels = rng.sample(PASSKEY_LABELS, QUESTIONS)
+    keys = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
+    pairs = list(enumerate(zip(labels, keys, strict=True)))
     return Spec(
-        needles=[(depth, f"The pass key is {key}. Remember it. {key} is the pass key.")],
+        needles=[(depth(j), f"The {label} is {key}. Remember it. {key} is the {label}.") for j, (label, key) in pairs],
         filler=_shuffled_paragraphs(rng),
-        question="What is the pass key mentioned in the text above? Answer with the number only.",
-        answers=[key], scoring="contains", max_new_tokens=24,
+        questions=[
+            Question(f"What is the {label}? Answer with the number only.", (key,), "contains", 16, j)
+            for j, (label, key) in pairs
+        ],
     )
 
 
 def _magic(key: str, value: str) -> str:
     """RULER's needle sentence."""
-    return f"One of the special magic numbers for {key} is: {value}."
-
-
-def build_multikey(rng: random.Random, depth: float) -> Spec:
-    """Multi-key NIAH: the target key's number among three distractor keys' numbers."""
-    keys = rng.sample(_key_words(), 4)
-    values = [_digits(rng, 7) for _ in keys]
-    depths = [depth, *_random_depths(rng, len(keys) - 1)]
-    return Spec(
-        needles=[(d, _magic(k, v)) for d, k, v in zip(depths, keys, values, strict=True)],
-        filler=_shuffled_paragraphs(rng),
-        question=f"What is the special magic number for {keys[0]} mentioned in the text above? "
-        "Answer with the number only.",
-        answers=[values[0]], scoring="contains", max_new_tokens=32,
+    return (
+        f"One of the special magic numbers for {key} is: {value}. Remember it. "
+        f"{value} is a special magic number for {key}."
     )
 
 
-def build_multivalue(rng: random.Random, depth: float) -> Spec:
-    """Multi-value NIAH: four numbers for one key, all asked for."""
-    key = rng.choice(_key_words())
-    values = [_digits(rng, 7) for _ in range(4)]
-    depths = [depth, *_random_depths(rng, len(values) - 1)]
+def build_multikey(rng: random.Random, depth: Depths) -> Spec:
+    """Multi-key NIAH: four keys' numbers in the same sentence form; each question asks for one key, the other
+    three needles are its distractors."""
+    keys = rng.sample(_key_words(), QUESTIONS)
+    values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS)
     return Spec(
-        needles=[(d, _magic(key, v)) for d, v in zip(depths, values, strict=True)],
+        needles=[(depth(j), _magic(k, v)) for j, (k, v) in enumerate(zip(keys, values, strict=True))],
         filler=_shuffled_paragraphs(rng),
-        question=f"What are all the special magic numbers for {key} mentioned in the text above? "
-        "List every one of them.",
-        answers=values, scoring="part", max_new_tokens=72,
+        questions=[
+            Question(
+                f"What is the special magic number for {k}? Answer with the number only.",
+                (v,),
+                "contains",
+                24,
+                j,
+            )
+            for j, (k, v) in enumerate(zip(keys, values, strict=True))
+        ],
     )
+
+
+MULTIVALUE_VALUES = 2
+
+
+def build_multivalue(rng: random.Random, depth: Depths) -> Spec:
+    """Multi-value NIAH: four keys with two numbers each (the second at a random depth); each question asks for
+    all the numbers of one key."""
+    keys = rng.sample(_key_words(), QUESTIONS)
+    values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS * MULTIVALUE_VALUES)
+    needles, questions = [], []
+    for j, key in enumerate(keys):
+        mine = values[j * MULTIVALUE_VALUES : (j + 1) * MULTIVALUE_VALUES]
+        questions.append(
+            Question(
+                f"What are all the special magic numbers for {key}? Answer with the numbers only.",
+                tuple(mine),
+                "part",
+                40,
+                len(needles),
+            )
+        )
+        depths = [depth(j), *_random_depths(rng, MULTIVALUE_VALUES - 1)]
+        needles += [(d, _magic(key, v)) for d, v in zip(depths, mine, strict=True)]
+    return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
 def _chain(names: Sequence[str], value: str) -> list[str]:
@@ -206,43 +287,63 @@ def _chain(names: Sequence[str], value: str) -> list[str]:
     return [f"VAR {names[0]} = {value}.", *(f"VAR {b} = VAR {a}." for a, b in pairwise(names))]
 
 
-def build_vartrack(rng: random.Random, depth: float) -> Spec:
-    """Variable tracking: a four-hop chain from ``depth`` to the end, and a distractor chain at random depths."""
-    names = rng.sample(sorted({_name(rng) for _ in range(40)}), 8)
-    value, other = _digits(rng, 5), _digits(rng, 5)
-    hops = 4
-    chain_depths = [depth + (1 - depth) * i / hops for i in range(hops)]
-    decoy_depths = sorted(_random_depths(rng, hops))
-    needles = list(zip(chain_depths, _chain(names[:hops], value), strict=True))
-    needles += list(zip(decoy_depths, _chain(names[hops:], other), strict=True))
-    return Spec(
-        needles=needles,
-        filler=_shuffled_paragraphs(rng),
-        question=f"Find all variables that are assigned the value {value} in the text above, directly or "
-        "through other variables. List their names.",
-        answers=names[:hops], scoring="part", max_new_tokens=48,
-    )
+HOPS = 2
 
 
-def build_kv(rng: random.Random, depth: float) -> Spec:
-    """Key-value retrieval over random identifiers: one target pair and seven distractor pairs."""
-    pairs = [(_identifier(rng), _identifier(rng)) for _ in range(8)]
-    depths = [depth, *_random_depths(rng, len(pairs) - 1)]
+def build_vartrack(rng: random.Random, depth: Depths) -> Spec:
+    """Variable tracking: four chains of two variables, each from its depth to half-way to the end; each question
+    gives one chain's value and asks for its variables."""
+    names = [w.upper() for w in rng.sample(_key_words(), QUESTIONS * HOPS)]
+    values = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
+    needles, questions = [], []
+    for j, value in enumerate(values):
+        start = depth(j)
+        chain = names[j * HOPS : (j + 1) * HOPS]
+        questions.append(
+            Question(
+                f"What is the value of VAR {chain[-1]}? Answer with the number only.",
+                (value,),
+                "contains",
+                16,
+                len(needles),
+            )
+        )
+        needles += [(start, s) for s in _chain(chain, value)]
+    return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
+
+
+KV_PAIRS = 8
+
+
+def build_kv(rng: random.Random, depth: Depths) -> Spec:
+    """Key-value retrieval over random identifiers: eight pairs, four of them asked for (one each)."""
+    pairs = [(_identifier(rng), _identifier(rng)) for _ in range(KV_PAIRS)]
+    depths = [depth(j) for j in range(QUESTIONS)] + _random_depths(rng, KV_PAIRS - QUESTIONS)
     return Spec(
-        needles=[(d, f'In the registry, key "{k}" maps to value "{v}".') for d, (k, v) in zip(depths, pairs,
-                                                                                             strict=True)],
+        needles=[
+            (d, f'In the registry, key "{k}" maps to value "{v}".') for d, (k, v) in zip(depths, pairs, strict=True)
+        ],
         filler=_shuffled_paragraphs(rng),
-        question=f'What value does key "{pairs[0][0]}" map to in the registry above? Answer with the value only.',
-        answers=[pairs[0][1]], scoring="contains", max_new_tokens=40,
+        questions=[
+            Question(
+                f'What value does key "{k}" map to in the registry above? Answer with the value only.',
+                (v,),
+                "contains",
+                24,
+                j,
+            )
+            for j, (k, v) in enumerate(pairs[:QUESTIONS])
+        ],
     )
 
 
 QA_PARAGRAPHS = 3
+"""A quoted sentence comes from one of the first ``QA_PARAGRAPHS`` paragraphs of its section."""
 
 
-def render_section(section: haystack.Section, n_paragraphs: int) -> str:
-    """A section as it appears in a QA context: a ``## title`` line and its first ``n_paragraphs`` paragraphs."""
-    return f"## {section.title}{SEPARATOR}" + SEPARATOR.join(section.paragraphs[:n_paragraphs])
+def render_section(title: str, paragraph: str) -> str:
+    """A section as it appears in a QA context: a ``## title`` line and one paragraph."""
+    return f"## {title}{SEPARATOR}{paragraph}"
 
 
 def _sentences(paragraph: str) -> list[str]:
@@ -251,32 +352,83 @@ def _sentences(paragraph: str) -> list[str]:
 
 
 @cache
-def _qa_candidates() -> tuple[tuple[int, str], ...]:
-    """(section index, sentence) pairs whose sentence occurs exactly once in all rendered sections and does not
-    contain the section's title (quoting it in the question would give the answer away to ``contains``)."""
-    corpus = "\n".join(render_section(s, QA_PARAGRAPHS) for s in haystack.sections())
+def _qa_candidates() -> tuple[tuple[int, str, str], ...]:
+    """(section index, paragraph, sentence) triples whose sentence occurs exactly once in the first paragraphs of
+    all sections and contains no section's title (quoting its own title would give the answer away to
+    ``contains``, quoting another's would give away another question's)."""
+    corpus = "\n".join(p for s in haystack.sections() for p in s.paragraphs[:QA_PARAGRAPHS])
+    titles = [s.title for s in haystack.sections()]
     return tuple(
-        (i, sentence)
+        (i, p, sentence)
         for i, section in enumerate(haystack.sections())
         for p in section.paragraphs[:QA_PARAGRAPHS]
         for sentence in _sentences(p)
-        if corpus.count(sentence) == 1 and not scoring.contains(sentence, [section.title])
+        if corpus.count(sentence) == 1 and not scoring.contains(sentence, titles)
     )
 
 
-def build_qa(rng: random.Random, depth: float) -> Spec:
-    """Prose QA: name the section (placed at ``depth``) that contains a quoted sentence."""
+def build_qa(rng: random.Random, depth: Depths) -> Spec:
+    """Prose QA: four target sections (each at its depth, shown with the paragraph of its quoted sentence, the
+    other sections with their first paragraph); each question quotes a sentence of one and asks for its title."""
     sections = haystack.sections()
-    target, sentence = rng.choice(_qa_candidates())
-    filler = [render_section(s, 1) for i, s in enumerate(sections) if i != target]
+    by_section: dict[int, list[tuple[str, str]]] = {}
+    for i, paragraph, sentence in _qa_candidates():
+        by_section.setdefault(i, []).append((paragraph, sentence))
+    targets = rng.sample(sorted(by_section), QUESTIONS)
+    chosen = [rng.choice(by_section[t]) for t in targets]
+    filler = [render_section(s.title, s.paragraphs[0]) for i, s in enumerate(sections) if i not in targets]
     rng.shuffle(filler)
     return Spec(
-        needles=[(depth, render_section(sections[target], QA_PARAGRAPHS))],
+        needles=[
+            (depth(j), render_section(sections[t].title, p))
+            for j, (t, (p, _)) in enumerate(zip(targets, chosen, strict=True))
+        ],
         filler=filler,
-        question=f'Which section of the documentation above contains this sentence: "{sentence}" '
-        "Answer with the section title.",
-        answers=[sections[target].title], scoring="contains", max_new_tokens=32,
+        questions=[
+            Question(
+                f'Which section of the documentation above contains this sentence: "{sentence}" '
+                "Answer with the section title.",
+                (sections[t].title,),
+                "contains",
+                24,
+                j,
+            )
+            for j, (t, (_, sentence)) in enumerate(zip(targets, chosen, strict=True))
+        ],
     )
+
+
+FREQUENT = 5
+RARE = (1, 1)
+
+
+def frequent_needle(category: str, word: str) -> str:
+    """The sentence that names ``word`` once for the ``frequent`` task."""
+    return f"The {category} of the day is {word}."
+
+
+def build_frequent(rng: random.Random, depth: Depths) -> Spec:
+    """Aggregation (frequent-word extraction, after RULER's common words): in each of four categories one word is
+    named :data:`FREQUENT` times and others fewer (:data:`RARE`); each question asks for one category's most
+    frequent word. One naming of the frequent word sits at the question's depth, every other at random."""
+    needles, questions = [], []
+    for j, category in enumerate(rng.sample(sorted(CATEGORIES), QUESTIONS)):
+        top, *others = rng.sample(CATEGORIES[category], 1 + len(RARE))
+        questions.append(
+            Question(
+                f"Which {category} of the day is named most often? Answer with the {category} only.",
+                (top,),
+                "contains",
+                12,
+                len(needles),
+            )
+        )
+        depths = [depth(j), *_random_depths(rng, FREQUENT - 1)]
+        needles += [(d, frequent_needle(category, top)) for d in depths]
+        needles += [
+            (rng.random(), frequent_needle(category, w)) for w, n in zip(others, RARE, strict=True) for _ in range(n)
+        ]
+    return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
 _NUMBERS_PREAMBLE = (
@@ -284,23 +436,27 @@ _NUMBERS_PREAMBLE = (
     "I will quiz you about the numbers afterwards."
 )
 PREAMBLES = {
-    "passkey": "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-    "I will quiz you about the pass key afterwards.",
+    "passkey": "A pass key and some secret words are hidden inside a lot of irrelevant text. Find them and "
+    "memorize them. I will quiz you about them afterwards.",
     "multikey": _NUMBERS_PREAMBLE,
     "multivalue": _NUMBERS_PREAMBLE,
-    "vartrack": "Memorize and track the chain(s) of variable assignments hidden in the following text.",
+    "vartrack": "Variable assignments are hidden in the following text, some variables set from others. Track the "
+    "value of every variable. I will quiz you about them afterwards.",
     "kv": "A registry of keys and their values is hidden within the following text. Make sure to memorize it. "
     "I will quiz you about it afterwards.",
     "qa": "The following text is a set of sections of the Python language reference, each under a ## title line.",
+    "frequent": "Sentences naming the color, animal, fruit, bird or metal of the day are hidden within the "
+    "following text, some more often than others. Keep count of them. I will quiz you about them afterwards.",
 }
 
-BUILDERS: dict[str, Callable[[random.Random, float], Spec]] = {
+BUILDERS: dict[str, Callable[[random.Random, Depths], Spec]] = {
     "passkey": build_passkey,
     "multikey": build_multikey,
     "multivalue": build_multivalue,
     "vartrack": build_vartrack,
     "kv": build_kv,
     "qa": build_qa,
+    "frequent": build_frequent,
 }
 TASKS = tuple(BUILDERS)
 
@@ -308,8 +464,11 @@ TASKS = tuple(BUILDERS)
 # ---------------------------------------------------------------------------------------------- assembly
 
 
-def _insert_needles(units: list[str], sizes: list[int], needles: list[tuple[float, str]]) -> tuple[list[str], int]:
-    """Interleave needles with filler units at the boundary nearest each depth; return parts and target index."""
+def _insert_needles(
+    units: list[str], sizes: list[int], needles: list[tuple[float, str]]
+) -> tuple[list[str], list[int]]:
+    """Interleave needles with filler units at the boundary nearest each depth; return the parts and each
+    needle's index among them."""
     total = max(sum(sizes), 1)
     bounds = [0]
     for size in sizes:
@@ -319,26 +478,34 @@ def _insert_needles(units: list[str], sizes: list[int], needles: list[tuple[floa
         slot = min(range(len(bounds)), key=lambda i: abs(bounds[i] / total - depth))
         slots.setdefault(slot, []).append(n)
     parts: list[str] = []
-    target = 0
+    where = [0] * len(needles)
     for i in range(len(units) + 1):
         for n in sorted(slots.get(i, []), key=lambda n: needles[n][0]):
-            if n == 0:
-                target = len(parts)
+            where[n] = len(parts)
             parts.append(needles[n][1])
         if i < len(units):
             parts.append(units[i])
-    return parts, target
+    return parts, where
 
 
-def assemble(spec: Spec, budget: int, count_tokens: CountTokens, preamble: str) -> tuple[str, float, int]:
-    """Fill prose around the needles up to ``budget`` tokens after ``preamble``; return context, measured depth,
-    token length.
+@dataclass(frozen=True)
+class Assembled:
+    """A context: its text, the measured depth of each targeted needle, and each question's token length."""
+
+    context: str
+    needle_depths: dict[int, float]
+    token_lengths: list[int]
+
+
+def assemble(spec: Spec, budget: int, count_tokens: CountTokens, preamble: str) -> Assembled:
+    """Fill prose around the needles up to ``budget`` tokens after ``preamble`` (with the longest question).
 
     Filler units longer than ``budget / UNIT_FRACTION`` tokens are skipped, so needle depths land close to
     the requested ones. Raises :class:`HeadwiseError` when the result would fall below ``MIN_FILL`` of the
     budget or hold less than ``MIN_PROSE`` of it in prose (needles too long for the length).
     """
-    fixed = count_tokens(preamble + SEPARATOR + SEPARATOR + spec.question)
+    longest = max((q.question for q in spec.questions), key=lambda q: count_tokens(SEPARATOR + q))
+    fixed = count_tokens(preamble + SEPARATOR + SEPARATOR + longest)
     fixed += sum(count_tokens(t) + 1 for _, t in spec.needles)
     units: list[str] = []
     sizes: list[int] = []
@@ -350,58 +517,80 @@ def assemble(spec: Spec, budget: int, count_tokens: CountTokens, preamble: str) 
             sizes.append(size)
             used += size
     while True:
-        parts, target = _insert_needles(units, sizes, spec.needles)
-        parts, target = [preamble, *parts], target + 1
+        parts, where = _insert_needles(units, sizes, spec.needles)
+        parts, where = [preamble, *parts], [w + 1 for w in where]
         context = SEPARATOR.join(parts)
-        length = count_tokens(context + SEPARATOR + spec.question)
+        length = count_tokens(context + SEPARATOR + longest)
         if length <= budget or not units:
             break
         units.pop()
         sizes.pop()
     if not MIN_FILL * budget <= length <= budget or sum(sizes) < MIN_PROSE * budget:
-        raise HeadwiseError(f"cannot fill {budget} tokens with this task's needles and prose (got {length}); "
-                            "use another length")
-    offset = len(SEPARATOR.join(parts[:target]) + SEPARATOR)
-    depth = count_tokens(context[:offset]) / max(count_tokens(context), 1)
-    return context, round(depth, 4), length
+        raise HeadwiseError(
+            f"cannot fill {budget} tokens with this task's needles and prose (got {length}); use another length"
+        )
+    total = max(count_tokens(context), 1)
+    depths = {}
+    for q in spec.questions:
+        offset = len(SEPARATOR.join(parts[: where[q.needle]]) + SEPARATOR)
+        depths[q.needle] = round(count_tokens(context[:offset]) / total, 4)
+    lengths = [count_tokens(context + SEPARATOR + q.question) for q in spec.questions]
+    return Assembled(context, depths, lengths)
+
+
+def _rotated(depths: Sequence[float], i: int) -> Depths:
+    """Context ``i``'s target depths: ``depths`` cycled from its ``i``-th entry."""
+    return lambda j: depths[(i + j) % len(depths)]
 
 
 def generate(
     task: str,
     length: int,
-    n_samples: int,
+    n_contexts: int,
     seed: int,
     count_tokens: CountTokens,
     *,
     tokenizer_name: str,
     depths: Sequence[float] = DEFAULT_DEPTHS,
 ) -> list[Sample]:
-    """``n_samples`` samples of ``task`` at ``length`` tokens; sample ``i`` uses ``depths[i % len(depths)]``.
+    """The questions of ``n_contexts`` contexts of ``task`` at ``length`` tokens, context by context, in order.
 
-    The same arguments always give the same samples (each sample's generator is seeded from
-    ``seed``, ``task``, ``length`` and its index).
+    Context ``i`` puts its ``j``-th target needle at ``depths[(i + j) % len(depths)]``. The same arguments
+    always give the same questions (each context's generator is seeded from ``seed``, ``task``, ``length`` and
+    its index).
     """
     if task not in BUILDERS:
         raise HeadwiseError(f"unknown task '{task}': use one of {', '.join(TASKS)}")
     if length < MIN_LENGTH:
         raise HeadwiseError(f"task length must be at least {MIN_LENGTH} tokens, got {length}")
-    if n_samples < 1:
-        raise HeadwiseError(f"the number of samples must be at least 1, got {n_samples}")
+    if n_contexts < 1:
+        raise HeadwiseError(f"the number of contexts must be at least 1, got {n_contexts}")
     if not depths or any(not 0 <= d <= 1 for d in depths):
         raise HeadwiseError(f"needle depths must lie in [0, 1], got {list(depths)}")
     samples = []
-    for i in range(n_samples):
-        depth = depths[i % len(depths)]
-        spec = BUILDERS[task](random.Random(f"{seed}:{task}:{length}:{i}"), depth)
-        context, needle_depth, token_length = assemble(spec, length - HEADROOM, count_tokens, PREAMBLES[task])
-        samples.append(
-            Sample(
-                id=f"{task}-{length}-s{seed}-{i}", task=task, length=length, token_length=token_length,
-                depth=depth, needle_depth=needle_depth, context=context, question=spec.question,
-                answers=list(spec.answers), scoring=spec.scoring, max_new_tokens=spec.max_new_tokens,
-                seed=seed, tokenizer=tokenizer_name,
+    for i in range(n_contexts):
+        spec = BUILDERS[task](random.Random(f"{seed}:{task}:{length}:{i}"), _rotated(depths, i))
+        built = assemble(spec, length - HEADROOM, count_tokens, PREAMBLES[task])
+        context_id = f"{task}-{length}-s{seed}-{i}"
+        for j, (q, token_length) in enumerate(zip(spec.questions, built.token_lengths, strict=True)):
+            samples.append(
+                Sample(
+                    id=f"{context_id}-q{j}",
+                    context_id=context_id,
+                    task=task,
+                    length=length,
+                    token_length=token_length,
+                    depth=spec.needles[q.needle][0],
+                    needle_depth=built.needle_depths[q.needle],
+                    context=built.context,
+                    question=q.question,
+                    answers=list(q.answers),
+                    scoring=q.scoring,
+                    max_new_tokens=q.max_new_tokens,
+                    seed=seed,
+                    tokenizer=tokenizer_name,
+                )
             )
-        )
     return samples
 
 
