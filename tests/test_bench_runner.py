@@ -1,7 +1,10 @@
-"""Benchmark runner: cell planning, the results store, both protocols on a tiny model, resume after a crash."""
+"""Benchmark runner: cell planning and keys, the calibration gate, the results store, parts per context on a tiny
+model (shared dense prefill, fidelity, both protocols), resume after a crash, versions never mixed silently."""
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import warnings
 from pathlib import Path
@@ -9,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from bench_helpers import count_words, tiny_lm
-from headwise.bench import runner, store, tasks
+from headwise.bench import calibration, protocol, runner, store, tasks
 from headwise.errors import HeadwiseError
 
 SMOLLM2 = Path.home() / ".cache" / "headwise" / "models" / "smollm2-135m"
+TASKS = ("passkey", "multikey")
 
 
 @pytest.fixture(scope="module")
@@ -22,31 +26,89 @@ def lm():
 
 @pytest.fixture(scope="module")
 def samples():
+    """Two contexts per task at 768 words, for the reported seed 0 and the calibration seed."""
     return {
-        (t, n): tasks.generate(t, n, 1, 0, count_words, tokenizer_name="words")
-        for t in ("passkey", "kv")
-        for n in (768,)
+        (t, 768, seed): tasks.generate(t, 768, 2, seed, count_words, tokenizer_name="words")
+        for t in TASKS
+        for seed in (0, calibration.CALIBRATION_SEED)
     }
 
 
-def cells(methods=("streaming_llm",), ratios=(0.5,), protocols=("agnostic",)):
-    return runner.plan_cells("tiny-llama", methods, ratios, ["passkey", "kv"], [768], protocols=protocols,
-                             n_samples=1, seed=0)
+def cells(methods=("streaming_llm",), ratios=(0.5,), protocols=("agnostic",), **kw):
+    return runner.plan_cells("tiny-llama", methods, ratios, list(TASKS), [768], protocols=protocols, n_samples=2,
+                             seed=0, **kw)
 
 
-def test_plan_cells_runs_full_once_per_task_and_length():
+def run(lm, planned, samples, path, **kw):
+    return runner.sweep(lm, planned, lambda t, n, seed: samples[(t, n, seed)], path, progress=False, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def test_plan_cells_runs_the_gate_first_then_full_once_per_task_and_length():
     planned = runner.plan_cells("m", ["full", "snapkv", "tova"], [0.0, 0.5, 0.75], ["passkey"], [1024, 2048],
-                                protocols=["agnostic", "aware"], n_samples=2, seed=0)
-    full = [c for c in planned if c.method == "full"]
-    assert [(c.length, c.ratio) for c in full] == [(1024, 0.0), (2048, 0.0)]
-    assert len(planned) == 2 * (1 + 2 * 2 * 2)
+                                protocols=["agnostic", "aware"], n_samples=2, seed=0, calibration_samples=3)
+    gate = [c for c in planned if c.calibration]
+    assert planned[: len(gate)] == gate
+    assert [(c.method, c.length, c.seed, c.n_samples) for c in gate] == [("full", 1024, 100, 3), ("full", 2048, 100, 3)]
+    reported = [c for c in planned if not c.calibration]
+    assert [(c.length, c.ratio) for c in reported if c.method == "full"] == [(1024, 0.0), (2048, 0.0)]
+    assert len(reported) == 2 * (1 + 2 * 2 * 2) and {c.seed for c in reported} == {0}
     assert len({c.key() for c in planned}) == len(planned)
 
 
-def test_cell_key_is_stable_and_covers_options():
-    cell = runner.Cell("m", "snapkv", 0.5, "passkey", 1024, "agnostic", 2, 0)
-    assert cell.key() == runner.Cell("m", "snapkv", 0.5, "passkey", 1024, "agnostic", 2, 0).key()
-    assert cell.key() != runner.Cell("m", "snapkv", 0.5, "passkey", 1024, "agnostic", 2, 0, {"window": "8"}).key()
+def test_the_calibration_seed_is_never_reported():
+    with pytest.raises(HeadwiseError, match="calibration seed"):
+        runner.plan_cells("m", ["snapkv"], [0.5], ["passkey"], [1024], n_samples=1, seed=100)
+    assert not any(c.calibration for c in runner.plan_cells("m", ["snapkv"], [0.5], ["passkey"], [1024], n_samples=1,
+                                                             seed=100, calibration_seed=None))
+
+
+def test_cell_key_hashes_resolved_options_not_options_as_typed():
+    def key(options):
+        (cell,) = [c for c in runner.plan_cells("m", ["snapkv"], [0.5], ["passkey"], [1024], n_samples=1, seed=0,
+                                                options={"snapkv": options}, calibration_seed=None)
+                   if c.method == "snapkv"]
+        return cell.key()
+
+    default_window = runner.resolved_options(runner.make_plan("snapkv", ratio=0.5))["window"]
+    assert key({}) == key({"window": str(default_window)})  # a default typed out is the same cell
+    assert key({}) != key({"window": str(default_window + 1)})
+    cell = runner.Cell("m", "snapkv", 0.5, "passkey", 1024, "agnostic", 2, 0, fingerprint="a")
+    assert cell.key() != dataclasses.replace(cell, fingerprint="b").key()
+    assert cell.part_key("c0") != cell.part_key("c1")
+
+
+def test_resolved_options_follow_the_content_of_a_profile(tmp_path):
+    from conftest import tiny_model
+    from test_headwise_policy import synthetic_profile
+
+    model = tiny_model("llama")
+    path = synthetic_profile(model, tmp_path, [["mixed", "mixed"]] * 3, [[0.0, 0.0]] * 3)
+    before = runner.resolved_options(runner.make_plan("headwise", ratio=0.5, options={"profile": path}))
+    data = json.loads(Path(path).read_text())
+    data["model"] = data.get("model", "") + " (edited)"
+    Path(path).write_text(json.dumps(data))
+    after = runner.resolved_options(runner.make_plan("headwise", ratio=0.5, options={"profile": path}))
+    assert before["profile"] == after["profile"] and before["profile_sha256"] != after["profile_sha256"]
+
+
+def test_code_digest_ignores_docstrings_and_comments_but_not_code(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text('def f(x):\n    """Doc."""\n    return x + 1\n')
+    base = runner.code_digest([path])
+    path.write_text('def f(x):\n    """Another doc."""\n    # a comment\n    return x + 1\n')
+    assert runner.code_digest([path]) == base
+    path.write_text('def f(x):\n    """Doc."""\n    return x + 2\n')
+    assert runner.code_digest([path]) != base
+
+
+def test_the_fingerprint_covers_the_methods_but_not_the_report():
+    files = {p.relative_to(Path(runner.headwise.__file__).parent).as_posix()
+             for p in runner.fingerprinted_files(Path(runner.headwise.__file__).parent)}
+    assert {"cache.py", "dense.py", "policies/snapkv.py", "bench/protocol.py", "bench/tasks.py"} <= files
+    assert not {"report/bench_report.py", "bench/cli.py", "bench/store.py"} & files
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"protocols": ["psychic"]}, "protocol"), ({"ratios": [1.0]}, "ratio")])
@@ -91,20 +153,25 @@ def test_bench_refuses_options_for_a_method_it_does_not_run_before_loading(tmp_p
     assert "tova, which are not in the methods run (snapkv)" in capsys.readouterr().err
     assert main([*argv, "--chunk-size", "0"]) == 2
     assert "at least 1 token" in capsys.readouterr().err
+    assert main([*argv, "--seed", "100"]) == 2
+    assert "calibration seed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
-def test_sweep_refuses_a_profile_made_for_another_model_before_any_cell(tmp_path, lm, samples):
+def test_sweep_refuses_a_profile_made_for_another_model_before_any_part(tmp_path, lm, samples):
     from conftest import tiny_model
     from test_headwise_policy import synthetic_profile
 
     other = tiny_model("qwen3")  # 3 layers x 6 heads; the tiny Llama has 2 x 4
     profile = synthetic_profile(other, tmp_path, [["mixed", "mixed"]] * 3, [[0.0, 0.0]] * 3)
-    planned = runner.plan_cells("tiny-llama", ["headwise"], [0.5], ["passkey"], [768], n_samples=1, seed=0,
+    planned = runner.plan_cells("tiny-llama", ["headwise"], [0.5], ["passkey"], [768], n_samples=2, seed=0,
                                 options={"headwise": {"profile": profile}})
     with pytest.raises(HeadwiseError, match="profile this model"):
-        runner.sweep(lm, planned, lambda t, n: samples[(t, n)], tmp_path / "results.jsonl", progress=False)
-    assert not (tmp_path / "results.jsonl").exists()  # not even the full-cache cell ran
+        run(lm, planned, samples, tmp_path / "results.jsonl")
+    assert not (tmp_path / "results.jsonl").exists()  # not even the full-cache part ran
+
+
+# ---------------------------------------------------------------------------------------------- the store
 
 
 def test_store_survives_a_torn_line_and_keeps_the_last_record(tmp_path):
@@ -135,7 +202,7 @@ def test_a_sweep_moves_torn_lines_out_of_the_store_once(tmp_path, lm):
     with open(path, "ab") as fh:
         fh.write(b'{"key": "d", "sco')  # torn last line
     with pytest.warns(UserWarning, match="moved 2 malformed line"):
-        runner.sweep(lm, [], lambda t, n: [], path, progress=False)
+        run(lm, [], {}, path, allow_mixed=True)  # the records here carry no fingerprint
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the store is clean: no more warnings
         records = store.read_records(path)
@@ -154,51 +221,118 @@ def test_repair_leaves_a_clean_store_untouched(tmp_path):
     assert path.stat().st_ino == before.st_ino and not (tmp_path / "results.jsonl.torn").exists()
 
 
-@pytest.mark.parametrize("protocol", runner.PROTOCOLS)
-def test_sweep_on_tiny_model_writes_complete_records(tmp_path, lm, samples, protocol):
+def test_a_packed_store_is_read_and_restored_when_the_store_is_absent(tmp_path):
     path = tmp_path / "results.jsonl"
-    records = runner.sweep(lm, cells(protocols=(protocol,)), lambda t, n: samples[(t, n)], path, progress=False)
-    assert len(records) == 4
-    for record in records:
-        assert {"key", "library", "versions", "git_commit", "machine", "timestamp", "score", "kv_bytes",
-                "peak_rss", "peak_rss_delta", "prefill_seconds", "decode_tokens_per_second"} <= set(record)
-        assert record["library"] == "headwise" and record["kv_bytes"] > 0
-        assert set(record["versions"]) == {"headwise", "torch", "transformers"}
-    by_method = {(r["task"], r["method"]): r for r in records}
-    assert by_method[("passkey", "streaming_llm")]["kv_bytes"] < by_method[("passkey", "full")]["kv_bytes"]
+    store.append_record(path, {**RECORD, "key": "a"})
+    store.pack(path)
+    packed = store.packed(path).read_bytes()
+    store.pack(path)
+    assert store.packed(path).read_bytes() == packed  # reproducible bytes
+    assert gzip.decompress(packed) == path.read_bytes()
+    path.unlink()
+    assert [r["key"] for r in store.read_records(path)] == ["a"]
+    store.unpack(path)
+    assert [r["key"] for r in store.read_records(path)] == ["a"] and path.exists()
+
+
+def test_a_store_of_other_code_or_versions_is_refused_unless_asked(tmp_path, lm, samples):
+    path = tmp_path / "results.jsonl"
+    store.append_record(path, {**RECORD, "key": "old", "fingerprint": "0123456789abcdef"})
+    planned = cells(ratios=())
+    with pytest.raises(HeadwiseError, match=r"fingerprint 0123456789abcdef.*--allow-mixed-versions"):
+        run(lm, planned, samples, path)
+    assert len(store.read_records(path)) == 1
+    records = run(lm, planned, samples, path, allow_mixed=True)
+    assert records and {r["fingerprint"] for r in records} == {runner.fingerprint()}
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+@pytest.mark.parametrize("protocol", runner.PROTOCOLS)
+def test_sweep_writes_one_part_per_cell_and_context_with_fidelity(tmp_path, lm, samples, protocol):
+    path = tmp_path / "results.jsonl"
+    planned = cells(protocols=(protocol,))
+    records = run(lm, planned, samples, path)
+    contexts_per_task = 2
+    assert len(records) == len(planned) * contexts_per_task
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == [r["key"] for r in records]
+    for record in records:
+        assert {"key", "cell", "context_id", "library", "versions", "git_commit", "machine", "timestamp", "score",
+                "kv_bytes", "peak_rss", "peak_rss_delta", "prefill_seconds", "compress_seconds", "fingerprint",
+                "resolved", "calibration", "shared_prefill", "samples"} <= set(record)
+        questions = [s for s in samples[(record["task"], 768, record["seed"])]
+                     if s.context_id == record["context_id"]]
+        assert [row["id"] for row in record["samples"]] == [s.id for s in questions] and len(questions) > 1
+        assert record["score"] == pytest.approx(sum(r["score"] for r in record["samples"]) / len(questions))
+        assert record["shared_prefill"] == (record["protocol"] == "agnostic")  # full is always agnostic
+        for row in record["samples"]:
+            assert 0 <= row["top1"] <= 1 and row["nll"] >= 0 and row["answer_ids"]
+            if record["method"] == "full":
+                assert row["nll"] == pytest.approx(row["nll_full"])
+    by = {(r["task"], r["context_id"], r["method"], r["calibration"]): r for r in records}
+    for (task, context_id, method, calibrated), record in by.items():
+        if method != "full":
+            assert record["kv_bytes"] < by[(task, context_id, "full", calibrated)]["kv_bytes"]
+    assert {r["seed"] for r in records if r["calibration"]} == {calibration.CALIBRATION_SEED}
+    assert set(calibration.gate(records)) == {("tiny-llama", t, 768) for t in TASKS}
+
+
+def test_the_shared_prefill_gives_the_answers_of_the_direct_path(tmp_path, lm, samples):
+    questions = runner.contexts(samples[("passkey", 768, 0)])[0]
+    ctx = runner.Context(lm, questions)
+    cell = next(c for c in cells(methods=("snapkv",), calibration_seed=None) if c.method == "snapkv")
+    assert cell.shares_prefill
+    shared, _, _ = ctx.compressed(cell, ctx.head)
+    direct_cache = runner.new_cache(lm, cell, len(ctx.head))
+    runner.prefill(lm.model, runner.torch.tensor([ctx.head]), direct_cache)
+    direct_cache.seal()
+    for sample, tail in zip(questions, ctx.tails, strict=True):
+        a, b = protocol.answer(lm, shared, tail, sample), protocol.answer(lm, direct_cache, tail, sample)
+        assert a.tokens == b.tokens
+        assert protocol.follow(lm, shared, tail, a.tokens) == protocol.follow(lm, direct_cache, tail, a.tokens)
+    assert runner.cache_bytes(shared) == runner.cache_bytes(direct_cache)
 
 
 def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samples, monkeypatch):
     path = tmp_path / "results.jsonl"
     planned = cells(methods=("streaming_llm", "knorm"))
-    real_run_cell = runner.run_cell
+    real_run_part = runner.run_part
     calls: list[str] = []
 
-    def crash_after_three(lm, samples, cell):
+    def crash_after_three(ctx, cell, references):
         if len(calls) == 3:
             raise KeyboardInterrupt
-        calls.append(cell.key())
-        return real_run_cell(lm, samples, cell)
+        calls.append(cell.part_key(ctx.id))
+        return real_run_part(ctx, cell, references)
 
-    monkeypatch.setattr(runner, "run_cell", crash_after_three)
+    monkeypatch.setattr(runner, "run_part", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        runner.sweep(lm, planned, lambda t, n: samples[(t, n)], path, progress=False)
+        run(lm, planned, samples, path)
     assert len(store.read_records(path)) == 3
 
     calls.clear()
-    monkeypatch.setattr(runner, "run_cell", lambda lm, s, cell: calls.append(cell.key()) or real_run_cell(lm, s, cell))
-    runner.sweep(lm, planned, lambda t, n: samples[(t, n)], path, progress=False)
-    assert len(calls) == len(planned) - 3
-    keys = [json.loads(line)["key"] for line in path.read_text().splitlines()]
-    assert sorted(keys) == sorted(c.key() for c in planned)
+    monkeypatch.setattr(runner, "run_part", lambda ctx, cell, refs: calls.append(cell.part_key(ctx.id))
+                        or real_run_part(ctx, cell, refs))
+    run(lm, planned, samples, path)
+    parts = len(planned) * 2
+    assert len(calls) == parts - 3
+    records = store.read_records(path)
+    assert len(records) == parts == len({r["key"] for r in records})
+    # a compressed part run after the resume still found its context's reference answers in the store
+    assert all(row["nll_full"] >= 0 for r in records for row in r["samples"])
 
 
 def test_sample_longer_than_the_model_context_is_refused(samples):
     short = tiny_lm(context_length=256)
-    cell = runner.Cell("tiny-llama", "full", 0.0, "passkey", 768, "agnostic", 1, 0)
     with pytest.raises(HeadwiseError, match="context"):
-        runner.run_sample(short, samples[("passkey", 768)][0], cell)
+        protocol.context_parts(short, runner.contexts(samples[("passkey", 768, 0)])[0])
+
+
+def test_questions_of_different_contexts_are_refused(lm, samples):
+    first, second = runner.contexts(samples[("passkey", 768, 0)])
+    with pytest.raises(HeadwiseError, match="does not share its context"):
+        protocol.context_parts(lm, [first[0], second[0]])
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").exists(), reason="SmolLM2 tokenizer not cached")
@@ -210,7 +344,7 @@ def test_chat_prompt_splits_after_the_context():
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     lm = LoadedModel("smollm2-135m", None, tokenizer, None, instruct=True, load_seconds=0.0, from_cache=True)
     sample = tasks.generate("passkey", 512, 1, 0, tasks.token_counter(tokenizer), tokenizer_name="smollm2")[0]
-    head, tail = runner.prompt_parts(lm, sample)
+    head, tail = protocol.prompt_parts(lm, sample)
     whole = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], add_generation_prompt=True)
     whole = whole if isinstance(whole, list) else whole["input_ids"]
     assert head + tail == list(whole)
@@ -220,9 +354,11 @@ def test_chat_prompt_splits_after_the_context():
 
 @pytest.mark.slow
 def test_smollm2_one_cell_end_to_end(smollm2, tmp_path):
-    sample = tasks.generate("passkey", 1024, 1, 0, tasks.token_counter(smollm2.tokenizer), tokenizer_name="smollm2")
-    planned = runner.plan_cells(smollm2.name, ["streaming_llm"], [0.5], ["passkey"], [1024], n_samples=1, seed=0)
-    records = runner.sweep(smollm2, planned, lambda t, n: sample, tmp_path / "r.jsonl", progress=False)
+    questions = tasks.generate("passkey", 1024, 1, 0, tasks.token_counter(smollm2.tokenizer), tokenizer_name="s")
+    planned = runner.plan_cells(smollm2.name, ["streaming_llm"], [0.5], ["passkey"], [1024], n_samples=1, seed=0,
+                                calibration_seed=None)
+    records = runner.sweep(smollm2, planned, lambda t, n, seed: questions, tmp_path / "r.jsonl", progress=False)
     full, compressed = records
     assert full["method"] == "full" and 0.4 < compressed["kv_bytes"] / full["kv_bytes"] < 0.6
-    assert full["samples"][0]["output"]
+    assert compressed["shared_prefill"] and all(row["output"] for row in full["samples"])
+    assert all(row["top1"] == 1.0 for row in full["samples"])

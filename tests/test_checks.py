@@ -108,8 +108,8 @@ def load_script(name: str):
 
 
 @pytest.mark.parametrize(("script", "args"), [
-    ("fidelity.py", ["--tasks", ".", "--methods", "full"]),
     ("measure_cache.py", []),
+    ("shared_prefill_cost.py", []),
 ])
 def test_scripts_refuse_bad_output_files_before_loading(script, args, tmp_path, monkeypatch, no_model_load):
     module = load_script(script)

@@ -4,7 +4,8 @@ Runs inside ``.venv-kvpress`` (made by ``scripts/peers/setup_kvpress.sh``: kvpre
 below 5.3, which headwise supports too, so headwise is installed there). Everything that is not kvpress's is
 headwise's, imported rather than copied: the prompt split, the template check, BOS handling, greedy answers,
 scoring and fidelity (:mod:`headwise.bench.protocol`), the part loop and its record
-(:func:`headwise.bench.runner.run_part`), the grouping of questions by context, the version check and
+(:func:`headwise.bench.runner.run_part`) and the sweep around it (:func:`headwise.bench.runner.sweep`, given a
+:class:`headwise.bench.runner.Peer`), the grouping of questions by context, the version check and
 provenance (:mod:`headwise.bench.runner`), the store (:mod:`headwise.bench.store`) and the model loader
 (:func:`headwise.models.load_model`).
 
@@ -65,8 +66,8 @@ from transformers import DynamicCache
 import headwise
 from headwise.bench import runner
 from headwise.bench.calibration import CALIBRATION_SEED, FULL
-from headwise.bench.runner import Cell, Context, Reference, check_versions, contexts, run_part
-from headwise.bench.store import append_record, read_records, repair
+from headwise.bench.runner import Cell, Context, contexts
+from headwise.bench.store import read_records
 from headwise.bench.tasks import SEPARATOR, Sample, read_samples
 from headwise.compat import cache_kwargs, forward
 from headwise.errors import HeadwiseError
@@ -306,12 +307,11 @@ def entry_bytes(model: torch.nn.Module) -> int:
     return 2 * head_dim * model.dtype.itemsize
 
 
-def run_press_part(ctx: PressContext, cell: Cell, references: dict[str, Reference]) -> dict:
-    """headwise's part record of ``cell`` on ``ctx``, with kvpress's fields."""
-    record = run_part(ctx, cell, references)
+def press_fields(ctx: PressContext, cell: Cell, record: dict) -> dict:
+    """What a kvpress part adds to headwise's part record: the press class, whether it only masks entries, and the
+    bytes a real eviction of the masked entries would hold."""
     spec = ctx.specs.get(cell.method)
     return {
-        **record,
         "peer_method": spec.peer_class if spec else "none",
         "masks_only": bool(spec and spec.masks_only),
         "kv_bytes_unmasked": record["kv_bytes"] - ctx.masked * entry_bytes(ctx.model),
@@ -375,43 +375,21 @@ def sweep(
     allow_mixed: bool = False,
     check_pipeline: bool = False,
 ) -> list[dict]:
-    """Run every part not yet in ``store``, the no-press cell first on each context; append each record."""
-    repair(store)
-    stored = {r["key"]: r for r in read_records(store)}
-    check_versions(stored.values(), LIBRARY, fingerprint(), allow_mixed=allow_mixed)
-    meta = provenance()
-    records = []
-    for (task, length, seed), group in work.items():
-        cells = plan_cells(lm.name, specs, presses, ratios, task, length, len(group), seed)
-        for questions in group:
-            missing = [c for c in cells if c.part_key(questions[0].context_id) not in stored]
-            if not missing:
-                continue
-            ctx = PressContext(lm, questions, specs)
-            references = runner._stored_references(stored, cells, ctx.id)
-            for cell in missing:  # plan_cells puts the no-press cell first
-                record = {**run_press_part(ctx, cell, references), **meta}
-                if check_pipeline and cell.method != FULL:
-                    record["pipeline_check"] = pipeline_check(ctx, cell, record)
-                append_record(store, record)
-                stored[record["key"]] = record
-                records.append(record)
-                print(summary(record), flush=True)
-    return records
+    """Run every part not yet in ``store`` through headwise's sweep (:func:`headwise.bench.runner.sweep`: the
+    no-press cell first on each context, each record appended as it is done), with kvpress building the caches."""
+    cells = [c for (task, length, seed), group in work.items()
+             for c in plan_cells(lm.name, specs, presses, ratios, task, length, len(group), seed)]
 
+    def extra(ctx: Context, cell: Cell, record: dict) -> dict:
+        fields = press_fields(ctx, cell, record)
+        if check_pipeline and cell.method != FULL:
+            fields["pipeline_check"] = pipeline_check(ctx, cell, record)
+        return fields
 
-def summary(record: dict) -> str:
-    """One line per part."""
-    rows = record["samples"]
-    nll = sum(r["nll"] - r["nll_full"] for r in rows) / len(rows)
-    top1 = sum(r["top1"] for r in rows) / len(rows)
-    check = record.get("pipeline_check")
-    same = f"  pipeline {sum(check['matches'])}/{len(rows)} same" if check else ""
-    return (
-        f"{record['method']:25s} {record['ratio']:<5g} {record['context_id']:24s} score={record['score']:.2f} "
-        f"dnll={nll:.3f} top1={top1:.2f} kv={record['kv_bytes'] / 2**20:6.2f} MiB "
-        f"prefill={record['prefill_seconds']:.2f}s wall={record['wall_seconds']:.1f}s{same}"
-    )
+    peer = runner.Peer(LIBRARY, fingerprint(), provenance(), lambda questions: PressContext(lm, questions, specs),
+                       extra)
+    return runner.sweep(lm, cells, lambda t, n, seed: [q for c in work[(t, n, seed)] for q in c], store,
+                        allow_mixed=allow_mixed, peer=peer)
 
 
 # ---------------------------------------------------------------------------------------------- command line

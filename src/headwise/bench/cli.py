@@ -1,7 +1,13 @@
 """``headwise bench``: generate the tasks, run the sweep (resumable), print the table and write the report.
 
-Output folder layout (``--out``, default ``runs/bench``): ``tasks/<task>-<length>-s<seed>.jsonl`` (the samples,
-also what peer runners read), ``results.jsonl`` (the results store), ``report.html`` and the PNG plots.
+Output folder layout (``--out``, default ``runs/bench``): ``tasks/<task>-<length>-s<seed>.jsonl`` (the questions,
+context by context, of the reported seed and of the calibration seed; also what peer runners read),
+``results.jsonl`` (the results store, see :mod:`headwise.bench.store`), ``results.jsonl.gz`` (its compressed
+copy, the one to commit; read when the store is absent, and restored from before a sweep resumes),
+``report.html`` and the PNG plots.
+
+A sweep first runs the calibration gate (:mod:`headwise.bench.calibration`), then every cell, one context at a
+time; it prints the gate with the tables.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from headwise.bench.calibration import CALIBRATION_SEED
 from headwise.checks import add_threads_option, check_output_dir, check_output_file, set_threads
 from headwise.errors import HeadwiseError
 from headwise.registry import DEFAULT_MODEL
@@ -59,8 +66,8 @@ def check_methods(methods: Sequence[str]) -> None:
 
 
 def run_sweep(args: argparse.Namespace, out: Path) -> None:
-    """Check every option, load the model, write the task files, and run the cells missing from the store."""
-    from headwise.bench import runner, tasks
+    """Check every option, load the model, write the task files, and run the parts missing from the store."""
+    from headwise.bench import runner, store, tasks
     from headwise.models import load_model, resolve
 
     set_threads(args.threads)
@@ -79,29 +86,36 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         resolve(args.model)[0], methods, split_list(args.ratios, float, "ratio"), task_names, lengths,
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
+        calibration_seed=args.calibration_seed, calibration_samples=args.calibration_samples,
     )
     lm = load_model(args.model)
     too_long = [n for n in lengths if n > lm.info.context_length]
     if too_long:
         raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
     count = tasks.token_counter(lm.tokenizer)
+    wanted = {(c.task, c.length, c.seed): c.n_samples for c in cells}
     samples = {
-        (t, n): tasks.generate(t, n, args.samples, args.seed, count, tokenizer_name=lm.name, depths=depths)
-        for t in task_names
-        for n in lengths
+        (t, n, seed): tasks.generate(t, n, contexts, seed, count, tokenizer_name=lm.name, depths=depths)
+        for (t, n, seed), contexts in wanted.items()
     }
-    for (t, n), group in samples.items():  # check every file before overwriting any
-        tasks.check_unchanged(tasks.task_file(out / "tasks", t, n, args.seed), group)
-    for (t, n), group in samples.items():
-        tasks.write_samples(tasks.task_file(out / "tasks", t, n, args.seed), group)
+    for (t, n, seed), group in samples.items():  # check every file before overwriting any
+        tasks.check_unchanged(tasks.task_file(out / "tasks", t, n, seed), group)
+    for (t, n, seed), group in samples.items():
+        tasks.write_samples(tasks.task_file(out / "tasks", t, n, seed), group)
     if args.tasks_only:
         print(f"wrote {len(samples)} task files to {out / 'tasks'}")
         return
-    runner.sweep(lm, cells, lambda t, n: samples[(t, n)], out / RESULTS, progress=not args.no_progress)
+    results = out / RESULTS
+    store.unpack(results)
+    try:
+        runner.sweep(lm, cells, lambda t, n, seed: samples[(t, n, seed)], results, progress=not args.no_progress,
+                     allow_mixed=args.allow_mixed_versions, share_prefill=not args.direct_prefill)
+    finally:  # an interrupted sweep keeps its compressed copy in step with what it finished
+        store.pack(results)
 
 
-def once_per_cell(records: Sequence[dict]) -> list[dict]:
-    """The records with each cell key kept once (the first), so a cell found in several stores (a sweep split
+def once_per_part(records: Sequence[dict]) -> list[dict]:
+    """The records with each part key kept once (the first), so a part found in several stores (a sweep split
     over processes, a baseline rerun) is not counted twice; records without a key are all kept."""
     seen: set[str] = set()
     kept = []
@@ -116,14 +130,7 @@ def once_per_cell(records: Sequence[dict]) -> list[dict]:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from headwise.bench.store import read_records
-    from headwise.report.bench_report import (
-        build_report,
-        harmonize,
-        markdown_table,
-        score_grid,
-        summary,
-        terminal_table,
-    )
+    from headwise.report.bench_report import build_report, harmonize, markdown_report, terminal_table
 
     out = check_output_dir(Path(args.out))
     if not args.report_only:
@@ -135,16 +142,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if not Path(peer).exists():
             raise HeadwiseError(f"peer results file '{peer}' does not exist")
         records += [harmonize(r) for r in read_records(Path(peer))]
-    records = once_per_cell(records)
+    records = once_per_part(records)
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
     if args.markdown:
-        print(markdown_table(*score_grid(records)))
-        for length in sorted({r["length"] for r in records}):
-            print(f"\n#### {length} tokens\n")
-            print(markdown_table(*summary([r for r in records if r["length"] == length])))
+        print(markdown_report(records))
     else:
-        print(terminal_table(records))
+        print(terminal_table(records))  # it opens with the calibration gate
     print(f"report: {build_report(records, out)}")
 
 
@@ -156,9 +160,14 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=PRESET["tasks"],
                    help="comma-separated tasks: passkey, multikey, multivalue, vartrack, kv, qa")
     p.add_argument("--lengths", default=PRESET["lengths"], help="comma-separated target lengths in tokens")
-    p.add_argument("--samples", type=int, default=PRESET["samples"], help="samples per task and length")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, cycled over the samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=PRESET["samples"],
+                   help="contexts per task and length (each holds several questions)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, cycled over the contexts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the reported tasks")
+    p.add_argument("--calibration-seed", type=int, default=CALIBRATION_SEED,
+                   help=f"seed of the calibration gate's tasks, never reported (default {CALIBRATION_SEED})")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="contexts per task and length of the calibration gate (default: --samples)")
     p.add_argument("--protocol", default="agnostic", choices=["agnostic", "aware", "both"],
                    help="compress the context before the question (agnostic, default) or with it (aware)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
@@ -166,12 +175,17 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="prefill the context in chunks of this many tokens")
     add_threads_option(p)
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
+    p.add_argument("--direct-prefill", action="store_true",
+                   help="prefill every cell on its own instead of sharing one dense prefill per context (the same "
+                   "results, slower: to measure what sharing saves)")
+    p.add_argument("--allow-mixed-versions", action="store_true",
+                   help="add to a store that holds results of other code or versions")
     p.add_argument("--report-only", action="store_true", help="rebuild the table and report from the results store")
     p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")
     p.add_argument("--peer", action="append", default=[], metavar="RESULTS.jsonl",
                    help="a peer library's results file to include in the report")
     p.add_argument("--markdown", action="store_true",
-                   help="print Markdown instead of the terminal table: the mean-score grid (method x length x "
-                   "ratio), then the summary, one table per length (for BENCHMARKS.md)")
+                   help="print the Markdown report (gate, headline with intervals, fidelity, per-task tables, "
+                   "costs; for BENCHMARKS.md) instead of the terminal table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)

@@ -1,25 +1,43 @@
-"""Run the benchmark: method x ratio x task x length (x protocol) cells, each appended to the results store.
+"""Run the benchmark: method x ratio x task x length (x protocol) cells, stored one context at a time.
 
-Protocol (per sample)
----------------------
-The prompt is ``context + "\\n\\n" + question``; instruct models get it inside their chat template (the full
-chat prompt is rendered once, then split into the text up to the end of the context and the rest: the
-question and the template's suffix). The two parts are tokenized separately, so both protocols see the
-very same token ids.
+The protocol (prompt split, greedy answers, scoring, fidelity) is :mod:`headwise.bench.protocol`, shared
+with the peer runners. A cell's samples come context by context; every context has one or more questions.
+What is stored is a *part*: one cell on one context (see :mod:`headwise.bench.store`), so an interrupted
+sweep loses at most the part in flight.
 
-``agnostic`` (default)
-    the context part is prefilled (in chunks when asked) into the compressed cache, which compresses after
-    each multi-token forward; then ``cache.seal()`` stops compression, the question part is fed, and the
-    answer is decoded greedily. One compressed context could serve any question.
-``aware``
-    the whole prompt, question included, is prefilled and compressed, then sealed and decoded.
+Per context
+-----------
+1. The full cache (method ``full``, ratio 0) answers every question first; its greedy answers are the
+   references for fidelity.
+2. Every other cell builds its compressed cache and answers each question on its own deep copy of the
+   sealed cache (question-agnostic), and teacher-forces the full cache's answer on another copy: the
+   answer's NLL and top-1 agreement, next to the task score.
 
-The full cache (method ``full``, ratio 0) is run once per task and length as the baseline, under the
-``agnostic`` protocol: without compression both protocols compute the same thing.
+One dense prefill per context serves every cell whose cache depends only on it: question-agnostic cells
+prefilled in one forward (no ``chunk_size``). The context is prefilled once without compression and each
+cell's cache is built from the captured tensors (:mod:`headwise.dense`, proven equal to the direct path);
+``prefill_seconds`` of such a part is the shared dense forward plus its own compression. Chunked prefill and
+the ``aware`` protocol take the direct path. ``aware`` compresses, per question, the whole prompt but its last
+token, then seals the cache and feeds that token (one prefill per question).
+
+Calibration gate
+----------------
+The sweep also runs the full cache on a calibration seed (never a reported seed): a task counts toward the
+headline at a model and length only if the full cache scores at least
+:data:`headwise.bench.calibration.GATE` there. Those cells have ``calibration: true``;
+:func:`headwise.bench.calibration.gate` reads the result back from the records.
+
+Results tied to code
+--------------------
+A cell's key hashes its resolved options (every policy and plan field, defaults included, and the content of
+an input file such as a head profile) and a fingerprint of the code and versions that compute results
+(:func:`fingerprint`). A sweep refuses a store written by another fingerprint unless told to mix them.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,30 +48,97 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import torch
 from transformers import Cache
 
 import headwise
-from headwise.api import make_cache, make_plan
-from headwise.bench.scoring import score
-from headwise.bench.store import append_record, completed_keys, repair
-from headwise.bench.tasks import SEPARATOR, Sample
+from headwise import dense
+from headwise.api import PLAN_OPTIONS, make_cache, make_plan
+from headwise.bench.calibration import CALIBRATION_SEED, FULL
+from headwise.bench.protocol import Answer, answer, context_parts, follow
+from headwise.bench.store import append_record, read_records, repair
+from headwise.bench.tasks import Sample
+from headwise.cache import Plan
 from headwise.checks import check_chunk_size
 from headwise.errors import HeadwiseError
-from headwise.generation import Sampling, build_prompt, cache_bytes, decode, prefill, stop_token_ids
+from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
 from headwise.models import LoadedModel
 
 PROTOCOLS = ("agnostic", "aware")
-FULL = "full"
 LIBRARY = "headwise"
+#: Modules that do not change a result: reporting, command lines, profiling (a profile enters a key by its
+#: content), input checks and the store itself. Every other module of the package is in the fingerprint.
+NOT_FINGERPRINTED = ("report", "profile/cli.py", "profile/profiler.py", "profile/report.py", "profile/metrics.py",
+                     "profile/data.py", "capture", "cli.py", "bench/cli.py", "bench/store.py", "bench/intervals.py",
+                     "bench/calibration.py", "checks.py", "errors.py")
+
+
+# ---------------------------------------------------------------------------------------------- identity
+
+
+def _without_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value,
+                                                                                             ast.Constant):
+            node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def code_digest(files: Iterable[Path]) -> str:
+    """Hash of the code in ``files``: their syntax trees without docstrings, so comments, docstrings and layout
+    do not count."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.name.encode())
+        digest.update(ast.dump(_without_docstrings(ast.parse(path.read_text(encoding="utf-8")))).encode())
+    return digest.hexdigest()
+
+
+def fingerprinted_files(root: Path) -> list[Path]:
+    """The package's modules that compute results (all but :data:`NOT_FINGERPRINTED`)."""
+    return [p for p in root.rglob("*.py")
+            if not any(p.relative_to(root).as_posix().startswith(skip) for skip in NOT_FINGERPRINTED)]
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"headwise": headwise.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+@cache
+def fingerprint() -> str:
+    """16 hex digits naming the code that computes results and the versions of headwise, torch, transformers."""
+    blob = json.dumps({"code": code_digest(fingerprinted_files(Path(headwise.__file__).parent)),
+                       "versions": versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _file_digest(path: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise HeadwiseError(f"cannot read '{path}': {exc}") from exc
+
+
+def resolved_options(plan: Plan) -> dict:
+    """Every option of a plan, defaults included: the policy's fields, the plan options and the mode; an input
+    file (``profile``) also by the digest of its content, so a cell's key changes when the file does."""
+    policy = {f.name: getattr(plan.policy, f.name) for f in dataclasses.fields(plan.policy)}
+    if policy.get("profile"):
+        policy["profile_sha256"] = _file_digest(policy["profile"])
+    return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode}
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One point of the sweep; its :meth:`key` identifies its record in the results store."""
+    """One point of the sweep. ``options`` are as given (they build the cache and label the method);
+    ``resolved`` are all of them with defaults (:func:`resolved_options`), which the key hashes instead."""
 
     model: str
     method: str
@@ -64,28 +149,24 @@ class Cell:
     n_samples: int
     seed: int
     options: dict = field(default_factory=dict)
+    resolved: dict = field(default_factory=dict)
     chunk_size: int | None = None
+    calibration: bool = False
+    fingerprint: str = ""
 
     def key(self) -> str:
-        """Hash of every field that changes the result (model, method, options, ratio, task, ...)."""
-        blob = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+        """Hash of every field that changes the result, with the resolved options (not as given)."""
+        identity = {k: v for k, v in asdict(self).items() if k != "options"}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
+    def part_key(self, context_id: str) -> str:
+        """Key of this cell's part on one context."""
+        return hashlib.sha256(f"{self.key()}|{context_id}".encode()).hexdigest()[:20]
 
-def check_method_options(methods: Sequence[str], ratios: Sequence[float], options: dict[str, dict]) -> None:
-    """Refuse options for a method that is not run (or is the ``full`` baseline, which takes none), and build
-    each compressing method's plan at every ratio so that a bad option fails now, not mid-sweep."""
-    if options.get(FULL):
-        raise HeadwiseError(f"method '{FULL}' is the uncompressed baseline: it takes no options")
-    stray = sorted(set(options) - set(methods) - {FULL})
-    if stray:
-        raise HeadwiseError(
-            f"options given for method(s) {', '.join(stray)}, which are not in the methods run ({', '.join(methods)})"
-        )
-    for method in methods:
-        for ratio in ratios:
-            if method != FULL:
-                make_plan(method, ratio=ratio, options=options.get(method, {}))
+    @property
+    def shares_prefill(self) -> bool:
+        """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`)."""
+        return self.protocol == "agnostic" and self.chunk_size is None
 
 
 def plan_cells(
@@ -100,11 +181,15 @@ def plan_cells(
     seed: int,
     options: dict[str, dict] | None = None,
     chunk_size: int | None = None,
+    calibration_seed: int | None = CALIBRATION_SEED,
+    calibration_samples: int | None = None,
 ) -> list[Cell]:
-    """The cells of a sweep: per task and length, the full-cache baseline then every method x ratio x protocol.
+    """The cells of a sweep: the calibration gate (the full cache on ``calibration_seed``, ``calibration_samples``
+    contexts, default ``n_samples``; None: no gate), then per task and length the full cache and every method x
+    ratio x protocol.
 
-    Everything is checked first, with no model: protocols, ratios, the chunk size, and each method's options
-    (by building its plan at every ratio); options for a method that is not run are refused.
+    Everything is checked first, with no model: protocols, ratios, the chunk size, seeds, and each method's
+    options (by building its plan at every ratio); options for a method that is not run are refused.
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
@@ -112,49 +197,55 @@ def plan_cells(
     bad = [r for r in ratios if not 0 <= r < 1]
     if bad:
         raise HeadwiseError(f"ratios must lie in [0, 1), got {bad}")
-    if n_samples < 1:
-        raise HeadwiseError(f"the number of samples must be at least 1, got {n_samples}")
+    if n_samples < 1 or (calibration_samples is not None and calibration_samples < 1):
+        raise HeadwiseError("the number of samples must be at least 1")
+    if calibration_seed == seed:
+        raise HeadwiseError(f"seed {seed} is the calibration seed: report on another seed")
     check_chunk_size(chunk_size)
     options = options or {}
-    check_method_options(methods, ratios, options)
-    common = dict(model=model, n_samples=n_samples, seed=seed, chunk_size=chunk_size)
+    if options.get(FULL):
+        raise HeadwiseError(f"method '{FULL}' is the uncompressed baseline: it takes no options")
+    stray = sorted(set(options) - set(methods) - {FULL})
+    if stray:
+        raise HeadwiseError(
+            f"options given for method(s) {', '.join(stray)}, which are not in the methods run ({', '.join(methods)})"
+        )
+    common = dict(model=model, chunk_size=chunk_size, fingerprint=fingerprint())
+
+    def cell(method: str, ratio: float, task: str, length: int, protocol: str, **kw) -> Cell:
+        given = options.get(method, {}) if method != FULL else {}
+        plan = make_plan(method, ratio=ratio if method != FULL else None, options=given)
+        return Cell(method=method, ratio=ratio, task=task, length=length, protocol=protocol, options=given,
+                    resolved=resolved_options(plan), **common, **kw)
+
+    compressing = [m for m in methods if m != FULL]
     cells = []
+    if calibration_seed is not None:
+        cells += [cell(FULL, 0.0, t, n, "agnostic", n_samples=calibration_samples or n_samples, seed=calibration_seed,
+                       calibration=True) for t in tasks for n in lengths]
     for task in tasks:
         for length in lengths:
-            cells.append(Cell(method=FULL, ratio=0.0, task=task, length=length, protocol="agnostic", **common))
-            cells += [
-                Cell(method=m, ratio=r, task=task, length=length, protocol=p, options=options.get(m, {}), **common)
-                for m in methods
-                if m != FULL
-                for r in ratios
-                if r > 0
-                for p in protocols
-            ]
+            run = dict(task=task, length=length, n_samples=n_samples, seed=seed)
+            cells.append(cell(FULL, 0.0, protocol="agnostic", **run))
+            cells += [cell(m, r, protocol=p, **run) for m in compressing for r in ratios if r > 0 for p in protocols]
     return cells
 
 
-# ---------------------------------------------------------------------------------------------- one sample
+# ---------------------------------------------------------------------------------------------- one context
 
 
-def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt split after the context: (context part, question part + template suffix)."""
-    tok = lm.tokenizer
-    if lm.instruct and getattr(tok, "chat_template", None):
-        rendered = tok.apply_chat_template(
-            [{"role": "user", "content": sample.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        if sample.context not in rendered:
-            raise HeadwiseError(f"{lm.name}'s chat template altered the context of {sample.id}; cannot split it")
-        end = rendered.index(sample.context) + len(sample.context)
-        head = tok(rendered[:end], add_special_tokens=False)["input_ids"]
-        return list(head), list(tok(rendered[end:], add_special_tokens=False)["input_ids"])
-    head = build_prompt(lm, sample.context, chat=False)
-    return head, list(tok(SEPARATOR + sample.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
+def contexts(samples: Sequence[Sample]) -> list[list[Sample]]:
+    """Samples grouped by context, in order."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.context_id, []).append(s)
+    return list(groups.values())
 
 
 def new_cache(lm: LoadedModel, cell: Cell, prompt_length: int | None) -> Cache:
     """The headwise cache for a cell (``full`` is headwise's uncompressed path, so every method shares it)."""
-    return make_cache(lm.model, cell.method, ratio=cell.ratio, prompt_length=prompt_length, options=cell.options)
+    ratio = cell.ratio if cell.method != FULL else None
+    return make_cache(lm.model, cell.method, ratio=ratio, prompt_length=prompt_length, options=cell.options)
 
 
 def check_fit(lm: LoadedModel, cells: Iterable[Cell]) -> None:
@@ -168,54 +259,100 @@ def check_fit(lm: LoadedModel, cells: Iterable[Cell]) -> None:
             new_cache(lm, cell, None)
 
 
-def _seal(cache: Cache) -> None:
-    seal = getattr(cache, "seal", None)
-    if seal is not None:
-        seal()
+@dataclass
+class Reference:
+    """The full cache's greedy answer to one question (token ids) and its own NLL of it."""
+
+    tokens: list[int]
+    nll: float
 
 
-def run_sample(lm: LoadedModel, sample: Sample, cell: Cell) -> dict:
-    """Answer one sample under the cell's method, ratio and protocol; return its score and costs."""
-    head, tail = prompt_parts(lm, sample)
-    total = len(head) + len(tail) + sample.max_new_tokens
-    if total > lm.info.context_length:
-        raise HeadwiseError(
-            f"sample {sample.id} needs {total} tokens but {lm.name}'s context is {lm.info.context_length}; "
-            "use a shorter length"
-        )
-    if cell.protocol == "aware":
-        head, tail = head + tail, []
-    cache = new_cache(lm, cell, len(head))
-    with PeakRSS() as mem:
+class Context:
+    """One context and its questions, with the dense prefill built on first use and shared by the cells."""
+
+    def __init__(self, lm: LoadedModel, questions: Sequence[Sample], *, share_prefill: bool = True) -> None:
+        self.lm = lm
+        self.share_prefill = share_prefill
+        self.questions = list(questions)
+        self.id = questions[0].context_id
+        self.head, self.tails = context_parts(lm, questions)
+        self._dense: dense.DenseContext | None = None
+        self.dense_seconds = 0.0
+
+    def dense(self) -> dense.DenseContext:
+        if self._dense is None:
+            start = time.perf_counter()
+            self._dense = dense.capture(self.lm.model, torch.tensor([self.head]))
+            self.dense_seconds = time.perf_counter() - start
+        return self._dense
+
+    def shares(self, cell: Cell) -> bool:
+        """Whether ``cell``'s cache is built from the shared dense prefill."""
+        return self.share_prefill and cell.shares_prefill
+
+    def compressed(self, cell: Cell, ids: list[int]) -> tuple[Cache, float, float]:
+        """The sealed cache of ``ids`` for a cell, its prefill seconds and its compression seconds (shared path)."""
         start = time.perf_counter()
-        logits = prefill(lm.model, torch.tensor([head]), cache, chunk_size=cell.chunk_size)
-        prefill_seconds = time.perf_counter() - start
-        kv = cache_bytes(cache)
-        _seal(cache)
-        start = time.perf_counter()
-        if tail:
-            logits = prefill(lm.model, torch.tensor([tail]), cache)
-        question_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = decode(lm.model, logits, cache, max_new_tokens=sample.max_new_tokens, sampling=Sampling(),
-                        stop_ids=stop_token_ids(lm))
-        decode_seconds = time.perf_counter() - start
-    output = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if self.shares(cell) and ids == self.head:
+            plan = make_plan(cell.method, ratio=cell.ratio if cell.method != FULL else None, options=cell.options)
+            shared = self.dense()
+            start = time.perf_counter()
+            cache = dense.compress(self.lm.model, shared, plan)
+            seconds = time.perf_counter() - start
+            prefill_seconds, compress_seconds = self.dense_seconds + seconds, seconds
+        else:
+            cache = new_cache(self.lm, cell, len(ids))
+            prefill(self.lm.model, torch.tensor([ids]), cache, chunk_size=cell.chunk_size)
+            prefill_seconds, compress_seconds = time.perf_counter() - start, 0.0
+        cache.seal()
+        return cache, prefill_seconds, compress_seconds
+
+
+def answer_row(sample: Sample, got: Answer, prompt_tokens: int, fidelity: tuple[float, float], nll_full: float) -> dict:
     return {
-        "id": sample.id, "depth": sample.depth, "needle_depth": sample.needle_depth,
-        "score": score(sample.scoring, output, sample.answers), "output": output, "answers": sample.answers,
-        "prompt_tokens": len(head) + len(tail), "kv_bytes": kv, "prefill_seconds": prefill_seconds,
-        "question_seconds": question_seconds,
-        "decode_tokens_per_second": (len(tokens) - 1) / decode_seconds if decode_seconds > 0 else 0.0,
-        "peak_rss": mem.peak, "peak_rss_delta": mem.delta,
+        "id": sample.id, "context_id": sample.context_id, "depth": sample.depth, "needle_depth": sample.needle_depth,
+        "score": got.score, "output": got.text, "answer_ids": got.tokens, "answers": sample.answers,
+        "prompt_tokens": prompt_tokens, "question_seconds": got.question_seconds,
+        "decode_tokens_per_second": got.decode_tokens_per_second,
+        "nll": fidelity[0], "top1": fidelity[1], "nll_full": nll_full,
     }
 
 
-# ---------------------------------------------------------------------------------------------- one cell
+def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict:
+    """Answer every question of ``ctx`` under ``cell``; return the part's record (without provenance).
+
+    For the full cell, ``references`` is filled with its answers; other cells need them there.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    rows, built = [], []  # built: (kv bytes, prefill seconds, compression seconds) per cache built
+    with PeakRSS() as mem:
+        cache = None
+        for sample, tail in zip(ctx.questions, ctx.tails, strict=True):
+            ids = ctx.head
+            if cell.protocol == "aware":  # one cache per question: all of its prompt but the last token
+                ids, tail, cache = ctx.head + tail[:-1], tail[-1:], None
+            if cache is None:
+                cache, prefill_seconds, compress_seconds = ctx.compressed(cell, ids)
+                built.append((cache_bytes(cache), prefill_seconds, compress_seconds))
+            got = answer(ctx.lm, cache, tail, sample)
+            reference = got.tokens if cell.method == FULL else references[sample.id].tokens
+            fidelity = follow(ctx.lm, cache, tail, reference)
+            if cell.method == FULL:
+                references[sample.id] = Reference(got.tokens, fidelity[0])
+            rows.append(answer_row(sample, got, len(ids) + len(tail), fidelity, references[sample.id].nll))
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    kv, prefills, compressions = (sum(column) / len(built) for column in zip(*built, strict=True))
+    return {
+        "key": cell.part_key(ctx.id), "cell": cell.key(), **asdict(cell), "context_id": ctx.id,
+        "score": sum(r["score"] for r in rows) / len(rows), "kv_bytes": kv, "prefill_seconds": prefills,
+        "compress_seconds": compressions,
+        "shared_prefill": ctx.shares(cell), "peak_rss": mem.peak, "peak_rss_delta": mem.delta,
+        "wall_seconds": wall, "cpu_seconds": cpu, "samples": rows,
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
 
 
-def _mean(rows: Sequence[dict], name: str) -> float:
-    return sum(r[name] for r in rows) / len(rows)
+# ---------------------------------------------------------------------------------------------- the sweep
 
 
 def git_commit() -> str | None:
@@ -231,62 +368,96 @@ def git_commit() -> str | None:
 
 
 def provenance() -> dict:
-    """Versions, git commit and machine facts carried by every record."""
-    import transformers
-
+    """Versions, fingerprint, git commit and machine facts carried by every record."""
     return {
-        "library": LIBRARY,
-        "versions": {"headwise": headwise.__version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "git_commit": git_commit(),
+        "library": LIBRARY, "versions": versions(), "git_commit": git_commit(),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
     }
 
 
-def run_cell(lm: LoadedModel, samples: Sequence[Sample], cell: Cell) -> dict:
-    """Run every sample of a cell and summarize it as a results record (without provenance)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    rows = [run_sample(lm, s, cell) for s in samples]
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return {
-        "key": cell.key(), **asdict(cell),
-        "score": _mean(rows, "score"), "kv_bytes": _mean(rows, "kv_bytes"),
-        "peak_rss": max(r["peak_rss"] for r in rows), "peak_rss_delta": max(r["peak_rss_delta"] for r in rows),
-        "prefill_seconds": _mean(rows, "prefill_seconds"), "question_seconds": _mean(rows, "question_seconds"),
-        "decode_tokens_per_second": _mean(rows, "decode_tokens_per_second"),
-        "token_length": _mean(rows, "prompt_tokens"), "wall_seconds": wall, "cpu_seconds": cpu,
-        "samples": rows,
-        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+def check_versions(records: Iterable[dict], library: str, current: str, *, allow_mixed: bool) -> None:
+    """Refuse to add ``library`` records of fingerprint ``current`` to a store holding another one of it."""
+    other = sorted({r.get("fingerprint") or "none" for r in records if r.get("library") == library} - {current})
+    if other and not allow_mixed:
+        raise HeadwiseError(
+            f"the results store holds {library} results of other code or versions (fingerprint {', '.join(other)}; "
+            f"now {current}): use a new --out folder, or pass --allow-mixed-versions to add to it anyway"
+        )
+
+
+@dataclass(frozen=True)
+class Peer:
+    """What a peer runner changes in :func:`sweep`: its library name, fingerprint and provenance, how it builds
+    a context (a :class:`Context` whose ``compressed`` builds the peer's caches) and the fields it adds to a part's
+    record. The protocol, the part records, the order (the full cache first per context) and the store are the
+    sweep's."""
+
+    library: str
+    fingerprint: str
+    provenance: dict
+    context: Callable[[Sequence[Sample]], Context]
+    extra: Callable[[Context, Cell, dict], dict]
 
 
 def sweep(
     lm: LoadedModel,
-    cells: Iterable[Cell],
-    samples_for: Callable[[str, int], Sequence[Sample]],
+    cells: Sequence[Cell],
+    samples_for: Callable[[str, int, int], Sequence[Sample]],
     store: Path,
     *,
     progress: bool = True,
+    allow_mixed: bool = False,
+    share_prefill: bool = True,
+    peer: Peer | None = None,
 ) -> list[dict]:
-    """Run the cells not yet in ``store``, appending each record as soon as it is done; return the new records.
+    """Run the parts of ``cells`` not yet in ``store``, appending each record as soon as it is done.
 
-    ``samples_for(task, length)`` gives a cell's samples. Interrupt at any time: re-running the same sweep
-    runs only what is missing. First the store's torn lines are moved aside (:func:`headwise.bench.store.repair`)
-    and one cache per method is built, so a method that does not fit the model fails before any cell runs.
+    ``samples_for(task, length, seed)`` gives the samples (questions, context by context). Interrupt at any
+    time: re-running the same sweep runs only what is missing. First the store's torn lines are moved aside
+    (:func:`headwise.bench.store.repair`), its fingerprint is checked, and one cache per method is built, so a
+    method that does not fit the model fails before any cell runs. ``share_prefill=False`` builds every cache
+    by its own prefill (the direct path: the same results, proven in tests/test_dense.py, at the old cost), to
+    measure what the shared prefill saves. A ``peer`` runs its own caches through the same loop.
     """
     from tqdm.auto import tqdm
 
+    library, current = (peer.library, peer.fingerprint) if peer else (LIBRARY, fingerprint())
     repair(store)
-    done = completed_keys(store)
-    todo = [c for c in cells if c.key() not in done]
-    check_fit(lm, todo)
-    meta = provenance()
+    stored = {r["key"]: r for r in read_records(store)}
+    check_versions(stored.values(), library, current, allow_mixed=allow_mixed)
+    groups: dict[tuple[str, int, int], list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.task, c.length, c.seed), []).append(c)
+    work = [(g, questions) for g, group in groups.items() for questions in contexts(samples_for(*g))]
+    todo = sum(c.part_key(q[0].context_id) not in stored for g, q in work for c in groups[g])
+    if peer is None:
+        check_fit(lm, [c for c in cells if any(c.part_key(q[0].context_id) not in stored for _, q in work)])
+    meta = peer.provenance if peer else provenance()
     records = []
-    bar = tqdm(todo, desc="bench", unit="cell", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(f"{cell.task} {cell.length} {cell.method} {cell.ratio:g} {cell.protocol}")
-        record = {**run_cell(lm, samples_for(cell.task, cell.length), cell), **meta}
-        append_record(store, record)
-        records.append(record)
+    bar = tqdm(total=todo, desc=f"bench {library}", unit="part", disable=not progress)
+    for g, questions in work:
+        missing = [c for c in groups[g] if c.part_key(questions[0].context_id) not in stored]
+        if not missing:
+            continue
+        ctx = peer.context(questions) if peer else Context(lm, questions, share_prefill=share_prefill)
+        references = stored_references(stored, groups[g], ctx.id)
+        for cell in sorted(missing, key=lambda c: c.method != FULL):
+            bar.set_postfix_str(f"{ctx.id} {cell.method} {cell.ratio:g} {cell.protocol}")
+            record = run_part(ctx, cell, references)
+            record = {**record, **(peer.extra(ctx, cell, record) if peer else {}), **meta}
+            append_record(store, record)
+            stored[record["key"]] = record
+            records.append(record)
+            bar.update(1)
+    bar.close()
     return records
+
+
+def stored_references(stored: dict[str, dict], cells: Sequence[Cell], context_id: str) -> dict[str, Reference]:
+    """The full cache's answers to a context's questions, from its stored part (empty when not yet run)."""
+    full = [c for c in cells if c.method == FULL]
+    part = stored.get(full[0].part_key(context_id)) if full else None
+    if part is None:
+        return {}
+    return {row["id"]: Reference(row["answer_ids"], row["nll"]) for row in part["samples"]}
