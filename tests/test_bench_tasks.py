@@ -100,8 +100,8 @@ def test_stated_depth_matches_needle_position():
 
 def test_frequent_answer_is_the_most_frequent_word_by_an_independent_count():
     for sample in make("frequent", n=4):
-        category = re.match(r"Which (\w+) of the day", sample.question).group(1)
-        counts = Counter(re.findall(rf"The {category} of the day is (\w+)\.", sample.context))
+        category = re.match(r"Which (\w+) is named", sample.question).group(1)
+        counts = Counter(re.findall(rf"Today's {category} is (\w+)\.", sample.context))
         (top, n), (_, runner_up) = counts.most_common(2)
         assert sample.answers == [top]
         assert n > runner_up

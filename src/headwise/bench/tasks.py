@@ -32,7 +32,7 @@ needle sentences, short chains, questions that echo the needle's wording.
     and asks for the title of the section that contains it: retrieval plus a one-hop association over prose.
 ``frequent`` (aggregation)
     frequent-word extraction, after RULER's common words: in each of four categories, one word is named
-    :data:`FREQUENT` times ("The fruit of the day is plum.") and others :data:`RARE` times, at random depths;
+    :data:`FREQUENT` times ("Today's fruit is plum.") and others :data:`RARE` times, at random depths;
     each question asks for one category's most frequent word.
 
 Every context opens with a short task instruction that names no answer (the preambles of RULER's templates
@@ -177,6 +177,13 @@ def _key_words() -> tuple[str, ...]:
     return tuple(sorted(w for words in CATEGORIES.values() for w in words))
 
 
+def _keys(rng: random.Random, n: int) -> list[str]:
+    """``n`` needle keys from different categories while there are enough (a tiger and a sheep are easier to
+    confuse than a tiger and a plum), then any others."""
+    firsts = [rng.choice(CATEGORIES[c]) for c in rng.sample(sorted(CATEGORIES), min(n, len(CATEGORIES)))]
+    return firsts + rng.sample(sorted(set(_key_words()) - set(firsts)), n - len(firsts))
+
+
 def _shuffled_paragraphs(rng: random.Random) -> list[str]:
     """All haystack paragraphs in a random order (the filler of the needle tasks)."""
     units = list(haystack.paragraphs())
@@ -228,8 +235,14 @@ def build_passkey(rng: random.Random, depth: Depths) -> Spec:
     )
 
 
-def _magic(key: str, value: str) -> str:
-    """RULER's needle sentence."""
+def _magic(key: str, value: str, *, unique: bool) -> str:
+    """RULER's needle sentence, repeated backwards; ``unique`` for a key with one number, worded as the answer
+    will be ("The special magic number for <key> is ...")."""
+    if unique:
+        return (
+            f"The special magic number for {key} is {value}. Remember it. "
+            f"{value} is the special magic number for {key}."
+        )
     return (
         f"One of the special magic numbers for {key} is: {value}. Remember it. "
         f"{value} is a special magic number for {key}."
@@ -239,10 +252,10 @@ def _magic(key: str, value: str) -> str:
 def build_multikey(rng: random.Random, depth: Depths) -> Spec:
     """Multi-key NIAH: four keys' numbers in the same sentence form; each question asks for one key, the other
     three needles are its distractors."""
-    keys = rng.sample(_key_words(), QUESTIONS)
+    keys = _keys(rng, QUESTIONS)
     values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS)
     return Spec(
-        needles=[(depth(j), _magic(k, v)) for j, (k, v) in enumerate(zip(keys, values, strict=True))],
+        needles=[(depth(j), _magic(k, v, unique=True)) for j, (k, v) in enumerate(zip(keys, values, strict=True))],
         filler=_shuffled_paragraphs(rng),
         questions=[
             Question(
@@ -263,7 +276,7 @@ MULTIVALUE_VALUES = 2
 def build_multivalue(rng: random.Random, depth: Depths) -> Spec:
     """Multi-value NIAH: four keys with two numbers each (the second at a random depth); each question asks for
     all the numbers of one key."""
-    keys = rng.sample(_key_words(), QUESTIONS)
+    keys = _keys(rng, QUESTIONS)
     values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS * MULTIVALUE_VALUES)
     needles, questions = [], []
     for j, key in enumerate(keys):
@@ -278,7 +291,7 @@ def build_multivalue(rng: random.Random, depth: Depths) -> Spec:
             )
         )
         depths = [depth(j), *_random_depths(rng, MULTIVALUE_VALUES - 1)]
-        needles += [(d, _magic(key, v)) for d, v in zip(depths, mine, strict=True)]
+        needles += [(d, _magic(key, v, unique=False)) for d, v in zip(depths, mine, strict=True)]
     return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
@@ -404,7 +417,7 @@ RARE = (1, 1)
 
 def frequent_needle(category: str, word: str) -> str:
     """The sentence that names ``word`` once for the ``frequent`` task."""
-    return f"The {category} of the day is {word}."
+    return f"Today's {category} is {word}."
 
 
 def build_frequent(rng: random.Random, depth: Depths) -> Spec:
@@ -416,7 +429,7 @@ def build_frequent(rng: random.Random, depth: Depths) -> Spec:
         top, *others = rng.sample(CATEGORIES[category], 1 + len(RARE))
         questions.append(
             Question(
-                f"Which {category} of the day is named most often? Answer with the {category} only.",
+                f"Which {category} is named most often as today's {category}? Answer with the {category} only.",
                 (top,),
                 "contains",
                 12,
@@ -445,7 +458,7 @@ PREAMBLES = {
     "kv": "A registry of keys and their values is hidden within the following text. Make sure to memorize it. "
     "I will quiz you about it afterwards.",
     "qa": "The following text is a set of sections of the Python language reference, each under a ## title line.",
-    "frequent": "Sentences naming the color, animal, fruit, bird or metal of the day are hidden within the "
+    "frequent": "Sentences naming today's color, animal, fruit, bird or metal are hidden within the "
     "following text, some more often than others. Keep count of them. I will quiz you about them afterwards.",
 }
 
