@@ -272,7 +272,7 @@ def test_cli_report_only_includes_peer_results(tmp_path, capsys):
     peer = tmp_path / "kvpress.jsonl"
     for r in synthetic():
         append_record(peer if r["library"] == "kvpress" else out / "results.jsonl", r)
-    assert main(["bench", "--report-only", "--out", str(out), "--peer", str(peer)]) == 0
+    assert main(["bench", "--report-only", "--out", str(out), "--include", str(peer)]) == 0
     printed = capsys.readouterr().out
     assert "snapkv (kvpress) ≈" in printed and "streaming_llm" in printed and (out / "report.html").exists()
     assert "kvpress:" not in printed
@@ -303,4 +303,4 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--tasks", "passkey,trivia", "--out", str(tmp_path)]) == 2
     assert "unknown task(s) trivia" in capsys.readouterr().err
     assert main(["bench", "--ratios", "0.5,x", "--out", str(tmp_path)]) == 2
-    assert main(["bench", "--report-only", "--out", str(tmp_path), "--peer", str(tmp_path / "none")]) == 2
+    assert main(["bench", "--report-only", "--out", str(tmp_path), "--include", str(tmp_path / "none")]) == 2

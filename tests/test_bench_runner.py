@@ -229,6 +229,7 @@ def test_a_packed_store_is_read_and_restored_when_the_store_is_absent(tmp_path):
     store.pack(path)
     assert store.packed(path).read_bytes() == packed  # reproducible bytes
     assert gzip.decompress(packed) == path.read_bytes()
+    assert [r["key"] for r in store.read_records(store.packed(path))] == ["a"]  # named directly (--include)
     path.unlink()
     assert [r["key"] for r in store.read_records(path)] == ["a"]
     store.unpack(path)

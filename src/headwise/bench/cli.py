@@ -138,10 +138,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         if args.tasks_only:
             return
     records = [harmonize(r) for r in read_records(out / RESULTS)]
-    for peer in args.peer:
-        if not Path(peer).exists():
-            raise HeadwiseError(f"peer results file '{peer}' does not exist")
-        records += [harmonize(r) for r in read_records(Path(peer))]
+    for extra in args.include:
+        if not Path(extra).exists():
+            raise HeadwiseError(f"results store '{extra}' does not exist")
+        records += [harmonize(r) for r in read_records(Path(extra))]
     records = once_per_part(records)
     if not records:
         raise HeadwiseError(f"no results in {out / RESULTS}; run `headwise bench` without --report-only first")
@@ -182,8 +182,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="add to a store that holds results of other code or versions")
     p.add_argument("--report-only", action="store_true", help="rebuild the table and report from the results store")
     p.add_argument("--tasks-only", action="store_true", help="only write the task JSONL files (for peer runners)")
-    p.add_argument("--peer", action="append", default=[], metavar="RESULTS.jsonl",
-                   help="a peer library's results file to include in the report")
+    p.add_argument("--include", action="append", default=[], metavar="RESULTS.jsonl[.gz]",
+                   help="another results store to put in the report: a peer library's, or headwise's from another "
+                   "--out (repeatable)")
     p.add_argument("--markdown", action="store_true",
                    help="print the Markdown report (gate, headline with intervals, fidelity, per-task tables, "
                    "costs; for BENCHMARKS.md) instead of the terminal table")

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from headwise.report.html import write_atomic
 
+GZIP_MAGIC = b"\x1f\x8b"
 REQUIRED = ("library", "model", "method", "ratio", "task", "length", "protocol", "score")
 IDENTITY = ("library", "model", "method", "options", "ratio", "task", "length", "protocol", "n_samples", "seed")
 
@@ -115,9 +116,11 @@ def unpack(path: Path) -> None:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a JSONL file (or of its compressed copy when the file is absent), split at ``"\n"`` only;
-    bytes that are not UTF-8 (a torn line) are replaced."""
-    data = path.read_bytes() if path.exists() else gzip.decompress(packed(path).read_bytes())
+    """The lines of a JSONL file, gzip-compressed or not (or of its compressed copy when the file is absent),
+    split at ``"\n"`` only; bytes that are not UTF-8 (a torn line) are replaced."""
+    data = path.read_bytes() if path.exists() else packed(path).read_bytes()
+    if data[:2] == GZIP_MAGIC:  # a compressed copy, named directly or found beside the absent store
+        data = gzip.decompress(data)
     return data.decode("utf-8", errors="replace").split("\n")
 
 
