@@ -13,15 +13,17 @@ needle sentences, short chains, questions that echo the needle's wording.
     four needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
     each question asks for one label's number.
 ``multikey`` (retrieval with distractors)
-    RULER's multi-key NIAH: four "One of the special magic numbers for <key> is: <7 digits>. ..." needles of
-    the same form; each question asks for one key's number, the other three needles are its distractors.
+    RULER's multi-key NIAH: four "The special magic number for <key> is <7 digits>. Remember it. ..." needles
+    of the same form, keys from different categories; each question asks for one key's number, the other
+    three needles are its distractors.
 ``multivalue`` (multi-needle retrieval)
-    RULER's multi-value NIAH: four keys with two numbers each; each question asks for all the numbers of one
-    key (scored by the fraction found).
+    RULER's multi-value NIAH: four keys with two numbers each ("One of the special magic numbers for <key>
+    is: <7 digits>. Remember it. ..."); each question asks for all the numbers of one key (scored by the
+    fraction found).
 ``vartrack`` (multi-hop tracing)
     RULER's variable tracking, shortened: four chains "VAR TIGER = 12345." then "VAR PLUM = VAR TIGER."
-    (:data:`HOPS` variables each, the statements of a chain side by side); each question asks for the value
-    of a chain's last variable.
+    (:data:`HOPS` variables each, named by key words, the statements of a chain side by side); each question
+    asks for the value of a chain's last variable.
 ``kv`` (retrieval with hard distractors)
     key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): eight
     'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; four are asked for.
@@ -159,11 +161,6 @@ def _distinct(rng: random.Random, make: Callable[[], str], n: int) -> list[str]:
         if value not in found:
             found.append(value)
     return found
-
-
-def _name(rng: random.Random) -> str:
-    """A random five-letter upper-case variable name."""
-    return "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
 
 
 def _identifier(rng: random.Random) -> str:
@@ -304,8 +301,8 @@ HOPS = 2
 
 
 def build_vartrack(rng: random.Random, depth: Depths) -> Spec:
-    """Variable tracking: four chains of two variables, each from its depth to half-way to the end; each question
-    gives one chain's value and asks for its variables."""
+    """Variable tracking: four chains of :data:`HOPS` variables named by key words, each chain's statements side by
+    side at its depth; each question asks for the value of one chain's last variable."""
     names = [w.upper() for w in rng.sample(_key_words(), QUESTIONS * HOPS)]
     values = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
     needles, questions = [], []
