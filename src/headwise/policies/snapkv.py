@@ -20,8 +20,9 @@ class SnapKV(Policy):
 
     As in the paper, the window's queries vote only for the prefix (the tokens before the window): the pooling
     runs over the prefix alone, so the window's attention to itself never raises the scores of the prefix
-    tokens next to it, and the window itself is always kept (its score is +inf). In question-agnostic use the
-    window is the end of the context, not the question.
+    tokens next to it, and the window itself is always kept (its score is +inf). The pooling pads with zeros and
+    divides by the full kernel, as the paper's code and kvpress do, so the prefix's first and last tokens score a
+    little lower. In question-agnostic use the window is the end of the context, not the question.
 
     Parameters
     ----------
@@ -54,6 +55,6 @@ class SnapKV(Policy):
         scores = torch.full_like(state, float("inf"))
         if prefix:
             pooled = F.avg_pool1d(state[..., :prefix].reshape(b * h, 1, prefix), self.kernel, stride=1,
-                                  padding=self.kernel // 2, count_include_pad=False)
+                                  padding=self.kernel // 2)
             scores[..., :prefix] = pooled.reshape(b, h, prefix)
         return scores
