@@ -31,8 +31,6 @@ def test_haystack_is_real_varied_prose():
     assert len(paragraphs) > 500
     assert len(set(paragraphs)) == len(paragraphs)
     assert all("\n" not in p and "::=" not in p for p in paragraphs)
-    titles = [s.title for s in haystack.sections()]
-    assert len(titles) == len({t.lower() for t in titles}) > 50
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
@@ -58,17 +56,6 @@ def test_questions_of_a_context_share_it_and_are_independent(task):
                     assert not scoring.contains(q.question, other.answers)
 
 
-def needle_span(sample: tasks.Sample) -> tuple[float, float]:
-    """Where the targeted needle starts and ends, as fractions of the context's words.
-
-    Needles are one or two sentences, except qa's: a whole section, a paragraph under its title.
-    """
-    if sample.task != "qa":
-        return sample.needle_depth, sample.needle_depth
-    section = sample.context[sample.context.index(f"## {sample.answers[0]}") :].split("\n\n## ")[0]
-    return sample.needle_depth, sample.needle_depth + count_words(section) / count_words(sample.context)
-
-
 @pytest.mark.parametrize("task", tasks.TASKS)
 @pytest.mark.parametrize("length", [2048, 4096])
 def test_answer_in_context_at_depth_and_length(task, length):
@@ -76,8 +63,7 @@ def test_answer_in_context_at_depth_and_length(task, length):
         budget = length - tasks.HEADROOM
         assert tasks.MIN_FILL * budget <= sample.token_length <= budget
         assert sample.token_length == count_words(sample.prompt)
-        start, end = needle_span(sample)
-        assert start - 0.12 <= sample.depth <= end + 0.12
+        assert abs(sample.needle_depth - sample.depth) <= 0.12
         assert sample.context.startswith(tasks.PREAMBLES[task] + tasks.SEPARATOR)
         for answer in sample.answers:
             assert answer in sample.context
@@ -113,33 +99,23 @@ def test_key_words_never_occur_in_the_haystack():
     assert not [w for w in tasks._key_words() if re.search(rf"\b{w}\b", text)]
 
 
-def test_qa_sentence_is_unique_and_title_is_in_context():
+def test_qa_asks_about_the_note_of_the_person_it_names():
     for sample in make("qa"):
-        sentence = sample.question.split('"', 1)[1].rsplit('" Answer', 1)[0]
-        assert sample.context.count(sentence) == 1
-        title = sample.answers[0]
-        section = sample.context[sample.context.index(f"## {title}") :]
-        assert sentence in section.split("\n\n## ")[0]
-        assert not scoring.contains(sentence, [title])  # quoting the title would give the answer away
+        who = re.search(r"(?:does|did) (\w+ \w+) ", sample.question).group(1)
+        note = re.search(rf"{who} is an? ([\w ]+) who lives in (\w+)\.", sample.context)
+        assert note is not None and sample.answers[0] in note.groups()
+        assert sample.context.count(f"{who} is a") == 1  # one note per person
 
 
-def test_no_qa_sentence_contains_a_title():
-    sections = haystack.sections()
-    candidates = tasks._qa_candidates()
-    assert len(candidates) > 300
-    assert not any(scoring.contains(sentence, [s.title for s in sections]) for *_, sentence in candidates)
-
-
-def test_vartrack_chain_is_in_order_and_leads_to_the_answer():
+def test_vartrack_chain_leads_to_the_answer():
     for sample in make("vartrack", n=2):
-        name = re.match(r"What is the value of VAR (\w+)\?", sample.question).group(1)
+        name = re.match(r"What is the (\w+) number\?", sample.question).group(1)
         hops = 0
-        while (m := re.search(rf"VAR {name} = VAR (\w+)\.", sample.context)) is not None:
-            source = sample.context.index(f"VAR {m.group(1)} = ")
-            assert source < m.start()
+        while (m := re.search(rf"The {name} number is the same as the (\w+) number\.", sample.context)) is not None:
+            assert sample.context.index(f"The {m.group(1)} number is ") < m.start()  # stated before it is used
             name, hops = m.group(1), hops + 1
         assert hops == tasks.HOPS - 1
-        assert f"VAR {name} = {sample.answers[0]}." in sample.context
+        assert f"The {name} number is {sample.answers[0]}." in sample.context
 
 
 def test_jsonl_round_trip_and_plain_format(tmp_path):

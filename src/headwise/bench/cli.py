@@ -158,7 +158,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=PRESET["methods"], help="comma-separated policies (full is always run)")
     p.add_argument("--ratios", default=PRESET["ratios"], help="comma-separated fractions of the context KV removed")
     p.add_argument("--tasks", default=PRESET["tasks"],
-                   help="comma-separated tasks: passkey, multikey, multivalue, vartrack, kv, qa")
+                   help="comma-separated tasks: passkey, multikey, multivalue, vartrack, kv, qa, frequent")
     p.add_argument("--lengths", default=PRESET["lengths"], help="comma-separated target lengths in tokens")
     p.add_argument("--samples", type=int, default=PRESET["samples"],
                    help="contexts per task and length (each holds several questions)")

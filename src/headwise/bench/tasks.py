@@ -13,7 +13,7 @@ needle sentences, short chains, questions that echo the needle's wording.
     :data:`QUESTIONS` needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
     each question asks for one label's number.
 ``multikey`` (retrieval with distractors)
-    RULER's multi-key NIAH: "The special magic number for <key> is <7 digits>. Remember it. ..." needles
+    RULER's multi-key NIAH: "The special magic number for <key> is <7 digits>." needles
     (one per question) of the same form, keys from different categories; each question asks for one key's
     number, the other needles are its distractors.
 ``multivalue`` (multi-needle retrieval)
@@ -21,17 +21,17 @@ needle sentences, short chains, questions that echo the needle's wording.
     is: <7 digits>. Remember it. ..."); each question asks for all the numbers of one key (scored by the
     fraction found).
 ``vartrack`` (multi-hop tracing)
-    RULER's variable tracking, shortened: :data:`QUESTIONS` chains "VAR TIGER = 12345." then "VAR PLUM = VAR TIGER."
-    (:data:`HOPS` variables each, named by key words, the statements of a chain side by side); each question
-    asks for the value of a chain's last variable.
+    RULER's variable tracking, shortened and in words: :data:`QUESTIONS` chains "The tiger number is 12345.
+    Remember it. 12345 is the tiger number. The plum number is the same as the tiger number." (:data:`HOPS`
+    numbers each, named by key words, side by side); each question asks for a chain's last number ("What is
+    the plum number?").
 ``kv`` (retrieval with hard distractors)
     key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): eight
     'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; :data:`QUESTIONS` are asked for.
 ``qa`` (a question about a passage)
-    question answering over real prose, verifiable offline: the context is a run of titled sections of
-    the Python language reference (``## <title>`` then one paragraph). Each question quotes one sentence of a
-    target section (placed at its depth; the sentence occurs nowhere else in the corpus and contains no title)
-    and asks for the title of the section that contains it: retrieval plus a one-hop association over prose.
+    a short note about a person per question ("Marta Novak is a baker who lives in Lisbon. Marta Novak has lived
+    in Lisbon for many years, working as a baker."); each question asks for one person's city or job, so the
+    answer is read from a passage, in the passage's own words, among facts of the same kind about others.
 ``frequent`` (aggregation)
     frequent-word extraction, after RULER's common words: in each of :data:`QUESTIONS` categories, one word is named
     :data:`FREQUENT` times ("Today's fruit is plum.") and others :data:`RARE` times, at random depths;
@@ -64,14 +64,12 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from functools import cache
 from itertools import pairwise
 from pathlib import Path
 
-from headwise.bench import haystack, scoring
+from headwise.bench import haystack
 from headwise.errors import HeadwiseError
 from headwise.report.html import write_atomic
 
@@ -236,13 +234,12 @@ def build_passkey(rng: random.Random, depth: Depths) -> Spec:
 
 
 def _magic(key: str, value: str, *, unique: bool) -> str:
-    """RULER's needle sentence, repeated backwards; ``unique`` for a key with one number, worded as the answer
-    will be ("The special magic number for <key> is ...")."""
+    """RULER's needle sentence. ``unique`` for a key with one number: plain and worded as the answer will be ("The
+    special magic number for <key> is ..."; with the redundant form below, SmolLM2-135M's full cache more often
+    drops a digit or answers an earlier needle's question with this one's number). Otherwise repeated
+    backwards."""
     if unique:
-        return (
-            f"The special magic number for {key} is {value}. Remember it. "
-            f"{value} is the special magic number for {key}."
-        )
+        return f"The special magic number for {key} is {value}."
     return (
         f"One of the special magic numbers for {key} is: {value}. Remember it. "
         f"{value} is a special magic number for {key}."
@@ -295,34 +292,33 @@ def build_multivalue(rng: random.Random, depth: Depths) -> Spec:
     return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
-def _chain(names: Sequence[str], value: str) -> list[str]:
-    """Assignment statements passing ``value`` down ``names`` in order."""
-    return [f"VAR {names[0]} = {value}.", *(f"VAR {b} = VAR {a}." for a, b in pairwise(names))]
+def _chain(names: Sequence[str], value: str) -> str:
+    """A chain's statements side by side: the first number given (redundantly, as passkey's needle is), each next
+    one the same as the one before."""
+    first = names[0]
+    return " ".join([
+        f"The {first} number is {value}. Remember it. {value} is the {first} number.",
+        *(f"The {b} number is the same as the {a} number." for a, b in pairwise(names)),
+    ])
 
 
 HOPS = 2
 
 
 def build_vartrack(rng: random.Random, depth: Depths) -> Spec:
-    """Variable tracking: a chain per question of :data:`HOPS` variables named by key words, each chain's
-    statements side by side at its depth; each question asks for the value of one chain's last variable."""
-    names = [w.upper() for w in rng.sample(_key_words(), QUESTIONS * HOPS)]
+    """Variable tracking in words: a chain per question of :data:`HOPS` numbers named by key words, its statements
+    side by side at its depth; each question asks for one chain's last number."""
+    names = _keys(rng, QUESTIONS * HOPS)
     values = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
-    needles, questions = [], []
-    for j, value in enumerate(values):
-        start = depth(j)
-        chain = names[j * HOPS : (j + 1) * HOPS]
-        questions.append(
-            Question(
-                f"What is the value of VAR {chain[-1]}? Answer with the number only.",
-                (value,),
-                "contains",
-                16,
-                len(needles),
-            )
-        )
-        needles += [(start, s) for s in _chain(chain, value)]
-    return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
+    chains = [names[j * HOPS : (j + 1) * HOPS] for j in range(QUESTIONS)]
+    return Spec(
+        needles=[(depth(j), _chain(chain, value)) for j, (chain, value) in enumerate(zip(chains, values, strict=True))],
+        filler=_shuffled_paragraphs(rng),
+        questions=[
+            Question(f"What is the {chain[-1]} number? Answer with the number only.", (value,), "contains", 16, j)
+            for j, (chain, value) in enumerate(zip(chains, values, strict=True))
+        ],
+    )
 
 
 KV_PAIRS = 8
@@ -350,66 +346,34 @@ def build_kv(rng: random.Random, depth: Depths) -> Spec:
     )
 
 
-QA_PARAGRAPHS = 3
-"""A quoted sentence comes from one of the first ``QA_PARAGRAPHS`` paragraphs of its section."""
-
-
-def render_section(title: str, paragraph: str) -> str:
-    """A section as it appears in a QA context: a ``## title`` line and one paragraph."""
-    return f"## {title}{SEPARATOR}{paragraph}"
-
-
-def _sentences(paragraph: str) -> list[str]:
-    """The sentences of a paragraph that are long enough to identify it and short enough to quote."""
-    return [s for s in re.split(r"(?<=[.!?])\s+", paragraph) if 60 <= len(s) <= 240]
-
-
-@cache
-def _qa_candidates() -> tuple[tuple[int, str, str], ...]:
-    """(section index, paragraph, sentence) triples whose sentence occurs exactly once in the first paragraphs of
-    all sections and contains no section's title (quoting its own title would give the answer away to
-    ``contains``, quoting another's would give away another question's)."""
-    corpus = "\n".join(p for s in haystack.sections() for p in s.paragraphs[:QA_PARAGRAPHS])
-    titles = [s.title for s in haystack.sections()]
-    return tuple(
-        (i, p, sentence)
-        for i, section in enumerate(haystack.sections())
-        for p in section.paragraphs[:QA_PARAGRAPHS]
-        for sentence in _sentences(p)
-        if corpus.count(sentence) == 1 and not scoring.contains(sentence, titles)
-    )
+FIRST_NAMES = ("Marta", "Jonas", "Ingrid", "Tomas", "Elena", "Pavel", "Greta", "Oskar", "Lucia", "Anders", "Mirela",
+               "Kasper")
+LAST_NAMES = ("Lindqvist", "Novak", "Halvorsen", "Berger", "Castell", "Dragan", "Moreau", "Keller", "Rasmussen",
+              "Ferrant")
+CITIES = ("Tromso", "Lisbon", "Krakow", "Dublin", "Valencia", "Tallinn", "Bergen", "Porto", "Ghent", "Turin", "Riga",
+          "Lyon")
+JOBS = ("lighthouse keeper", "baker", "violin maker", "ferry captain", "beekeeper", "watchmaker", "glassblower",
+        "librarian")
 
 
 def build_qa(rng: random.Random, depth: Depths) -> Spec:
-    """Prose QA: a target section per question (each at its depth, shown with the paragraph of its quoted
-    sentence, the other sections with their first paragraph); each question quotes a sentence of one and asks
-    for its title."""
-    sections = haystack.sections()
-    by_section: dict[int, list[tuple[str, str]]] = {}
-    for i, paragraph, sentence in _qa_candidates():
-        by_section.setdefault(i, []).append((paragraph, sentence))
-    targets = rng.sample(sorted(by_section), QUESTIONS)
-    chosen = [rng.choice(by_section[t]) for t in targets]
-    filler = [render_section(s.title, s.paragraphs[0]) for i, s in enumerate(sections) if i not in targets]
-    rng.shuffle(filler)
-    return Spec(
-        needles=[
-            (depth(j), render_section(sections[t].title, p))
-            for j, (t, (p, _)) in enumerate(zip(targets, chosen, strict=True))
-        ],
-        filler=filler,
-        questions=[
-            Question(
-                f'Which section of the documentation above contains this sentence: "{sentence}" '
-                "Answer with the section title.",
-                (sections[t].title,),
-                "contains",
-                24,
-                j,
-            )
-            for j, (t, (_, sentence)) in enumerate(zip(targets, chosen, strict=True))
-        ],
-    )
+    """A question about a passage: a short note per question about a different person, at its depth, saying where
+    they live and what they work as (each fact twice, in other words); each question asks for one person's city
+    or job."""
+    people = [f"{f} {n}" for f, n in zip(rng.sample(FIRST_NAMES, QUESTIONS), rng.sample(LAST_NAMES, QUESTIONS),
+                                           strict=True)]
+    cities, jobs = rng.sample(CITIES, QUESTIONS), rng.sample(JOBS, QUESTIONS)
+    needles, questions = [], []
+    for j, (who, city, job) in enumerate(zip(people, cities, jobs, strict=True)):
+        needles.append((depth(j), f"{who} is a {job} who lives in {city}. {who} has lived in {city} for many years, "
+                                  f"working as a {job}."))
+        if rng.random() < 0.5:
+            questions.append(Question(f"In which city does {who} live? Answer with the city only.", (city,),
+                                      "contains", 16, j))
+        else:
+            questions.append(Question(f"What does {who} work as? Answer with the job only.", (job,), "contains", 16,
+                                      j))
+    return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
 FREQUENT = 5
@@ -458,7 +422,8 @@ PREAMBLES = {
     "value of every variable. I will quiz you about them afterwards.",
     "kv": "A registry of keys and their values is hidden within the following text. Make sure to memorize it. "
     "I will quiz you about it afterwards.",
-    "qa": "The following text is a set of sections of the Python language reference, each under a ## title line.",
+    "qa": "Short notes about some people are hidden inside a lot of irrelevant text. Read them carefully. I will ask "
+    "you about the people afterwards.",
     "frequent": "Sentences naming today's color, animal, fruit, bird or metal are hidden within the "
     "following text, some more often than others. Keep count of them. I will quiz you about them afterwards.",
 }
