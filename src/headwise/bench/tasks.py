@@ -13,7 +13,7 @@ needle sentences, short chains, questions that echo the needle's wording.
     :data:`QUESTIONS` needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
     each question asks for one label's number.
 ``multikey`` (retrieval with distractors)
-    RULER's multi-key NIAH: "The special magic number for <key> is <7 digits>." needles
+    RULER's multi-key NIAH: "The special magic number for <key> is <5 digits>." needles
     (one per question) of the same form, keys from different categories; each question asks for one key's
     number, the other needles are its distractors.
 ``multivalue`` (multi-needle retrieval)
@@ -246,11 +246,16 @@ def _magic(key: str, value: str, *, unique: bool) -> str:
     )
 
 
+MULTIKEY_DIGITS = 5
+"""Digits of a multikey number: five, not RULER's seven, since SmolLM2-135M's full cache drops a digit of a
+seven-digit number now and then (one answer in 24 on the calibration seed at 2K)."""
+
+
 def build_multikey(rng: random.Random, depth: Depths) -> Spec:
     """Multi-key NIAH: one key's number per question, in the same sentence form; each question asks for one key,
     the other needles are its distractors."""
     keys = _keys(rng, QUESTIONS)
-    values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS)
+    values = _distinct(rng, lambda: _digits(rng, MULTIKEY_DIGITS), QUESTIONS)
     return Spec(
         needles=[(depth(j), _magic(k, v, unique=True)) for j, (k, v) in enumerate(zip(keys, values, strict=True))],
         filler=_shuffled_paragraphs(rng),
