@@ -6,12 +6,13 @@
 #   scripts/sweep.sh headwise [LENGTH]   # headwise's policies (writes results/smollm2-135m-LENGTH/)
 #   scripts/sweep.sh kvpress [LENGTH]    # kvpress's presses on the same task files (results/kvpress-LENGTH.jsonl)
 #   scripts/sweep.sh pack [LENGTH]       # compress both stores for committing (results/**/*.jsonl.gz)
+#   scripts/sweep.sh gate LENGTH [MODEL] # only the full-cache calibration gate (results/gates/MODEL-LENGTH/)
 #
 # Tasks that pass the full-cache gate at 2K get 25 contexts (50 answers) so the headline holds at least 100
 # answers per method and ratio; the others 12 contexts (24 answers), enough for their per-task tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack [LENGTH]}
+what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack|gate [LENGTH] [MODEL]}
 length=${2:-2048}
 out=results/smollm2-135m-$length
 store=results/kvpress-$length.jsonl
@@ -34,8 +35,12 @@ case $what in
             .venv-kvpress/bin/python scripts/peers/kvpress_runner.py --tasks "$out/tasks" --lengths "$length" \
                 --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --out "$store"
         done ;;
+    gate)  # the reported seed's single context per task is a by-product; only the gate is used
+        .venv/bin/headwise bench --model "${3:-smollm2-135m}" --lengths "$length" --methods full \
+            --tasks passkey,multikey,vartrack,qa,frequent --samples 1 --calibration-samples 12 --threads 1 \
+            --no-progress --out "results/gates/${3:-smollm2-135m}-$length" ;;
     pack)
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import pack
 for p in ('$out/results.jsonl', '$store'): pack(Path(p))" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress or pack" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack or gate" >&2; exit 2 ;;
 esac

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from headwise.bench.calibration import CALIBRATION_SEED
+from headwise.bench.tasks import TASKS
 from headwise.checks import add_threads_option, check_output_dir, check_output_file, set_threads
 from headwise.errors import HeadwiseError
 from headwise.registry import DEFAULT_MODEL
@@ -158,7 +159,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=PRESET["methods"], help="comma-separated policies (full is always run)")
     p.add_argument("--ratios", default=PRESET["ratios"], help="comma-separated fractions of the context KV removed")
     p.add_argument("--tasks", default=PRESET["tasks"],
-                   help="comma-separated tasks: passkey, multikey, multivalue, vartrack, kv, qa, frequent")
+                   help=f"comma-separated tasks: {', '.join(TASKS)}")
     p.add_argument("--lengths", default=PRESET["lengths"], help="comma-separated target lengths in tokens")
     p.add_argument("--samples", type=int, default=PRESET["samples"],
                    help="contexts per task and length (each holds several questions)")

@@ -1,11 +1,10 @@
 """Real prose for haystacks: the Python language reference shipped with the standard library.
 
 ``pydoc_data.topics`` holds the text of the language reference topics that ``help()`` shows (about 460 KB of
-documentation prose, available offline in every CPython). It is split here into
-
-Its prose paragraphs (hard line wraps undone; grammar blocks, code examples and title underlines left out) are
-the filler of every task: tasks sample and shuffle them per seed, so every sample has a different haystack (not a
-repeated filler sentence, unlike the original passkey test).
+documentation prose, available offline in every CPython). Its prose paragraphs (hard line wraps undone; grammar
+blocks, code examples and title underlines left out) are the filler of every task: tasks sample and shuffle them
+per seed, so every sample has a different haystack (not a repeated filler sentence, unlike the original passkey
+test).
 
 Stdlib module docstrings are deliberately not used: the head profiler calibrates on them, and
 benchmarking on calibration text would flatter profile-driven methods.
