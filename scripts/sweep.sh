@@ -8,37 +8,45 @@
 #   scripts/sweep.sh pack [LENGTH]       # compress both stores for committing (results/**/*.jsonl.gz)
 #   scripts/sweep.sh gate LENGTH [MODEL] # only the full-cache calibration gate (results/gates/MODEL-LENGTH/)
 #
-# Tasks that pass the full-cache gate at 2K get 25 contexts (50 answers) so the headline holds at least 100
-# answers per method and ratio; the others 12 contexts (24 answers), enough for their per-task tables.
+# Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
+# gets at least 25 answers per method and ratio, so four passing tasks give the headline at least 100; at 4K 12,
+# so four give 48. The gate's calibration seed gets 24 answers per task at both lengths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack|gate [LENGTH] [MODEL]}
 length=${2:-2048}
-out=results/smollm2-135m-$length
+model=${3:-smollm2-135m}
+out=results/$model-$length
 store=results/kvpress-$length.jsonl
 export OMP_NUM_THREADS=1
 methods=streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,headwise
-bench() {
-    .venv/bin/headwise bench --model smollm2-135m --lengths "$length" --ratios 0.5,0.75,0.9 --threads 1 \
-        --methods "$methods" -o headwise:profile=results/profiles/smollm2-135m/profile.json \
-        --calibration-samples 12 --out "$out" --no-progress "$@"
+# Needle depths: at 4K none nearer the start than 0.5 (about 2K tokens before the question). SmolLM2-135M's full
+# cache does not reach farther: one passkey needle alone at 4K scored 0.50 at depth 0.1, 0.58 at 0.25 (calibration
+# seed, 12 each; BENCHMARKS.md, "Task calibration").
+case $length in
+    4096) depths=0.5,0.7,0.9 pairs=6 singles=12 ;;
+    *) depths=0.1,0.5,0.9 pairs=13 singles=25 ;;
+esac
+bench() {  # both groups of tasks, the headline's two-question tasks first, with the arguments given
+    for group in "passkey,multikey $pairs 12" "vartrack,qa,frequent $singles 24"; do
+        read -r names contexts calibration <<< "$group"
+        .venv/bin/headwise bench --model "$model" --lengths "$length" --depths "$depths" --threads 1 --no-progress \
+            --tasks "$names" --samples "$contexts" --calibration-samples "$calibration" "$@"
+    done
 }
 case $what in
     headwise)
-        bench --tasks passkey,multikey --samples 25
-        bench --tasks vartrack,qa,frequent --samples 12 ;;
+        bench --methods "$methods" --ratios 0.5,0.75,0.9 --out "$out" \
+            -o headwise:profile=results/profiles/smollm2-135m/profile.json ;;
     kvpress)
-        bench --tasks passkey,multikey --samples 25 --tasks-only
-        bench --tasks vartrack,qa,frequent --samples 12 --tasks-only
+        bench --out "$out" --tasks-only
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import unpack; unpack(Path('$store'))"
-        for names in passkey,multikey vartrack,qa,frequent; do  # the headline's tasks first
+        for names in passkey,multikey vartrack,qa,frequent; do
             .venv-kvpress/bin/python scripts/peers/kvpress_runner.py --tasks "$out/tasks" --lengths "$length" \
                 --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --out "$store"
         done ;;
-    gate)  # the reported seed's single context per task is a by-product; only the gate is used
-        .venv/bin/headwise bench --model "${3:-smollm2-135m}" --lengths "$length" --methods full \
-            --tasks passkey,multikey,vartrack,qa,frequent --samples 1 --calibration-samples 12 --threads 1 \
-            --no-progress --out "results/gates/${3:-smollm2-135m}-$length" ;;
+    gate)  # one reported context per task (the later --samples wins) is a by-product; only the gate is used
+        bench --methods full --out "results/gates/$model-$length" --samples 1 ;;
     pack)
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import pack
 for p in ('$out/results.jsonl', '$store'): pack(Path(p))" ;;

@@ -41,7 +41,7 @@ def test_generation_is_deterministic_and_varied(task):
     assert len({qs[0].context for qs in groups.values()}) == len(groups) == 3
     assert make(task, seed=1)[0].context != first[0].context
     assert list(groups) == [f"{task}-2048-s0-{i}" for i in range(3)]
-    assert [s.id for s in first] == [f"{task}-2048-s0-{i}-q{j}" for i in range(3) for j in range(tasks.QUESTIONS)]
+    assert [s.id for s in first] == [f"{task}-2048-s0-{i}-q{j}" for i in range(3) for j in range(tasks.QUESTIONS[task])]
 
 
 @pytest.mark.parametrize("task", tasks.TASKS)
@@ -51,8 +51,10 @@ def test_questions_of_a_context_share_it_and_are_independent(task):
         assert len({q.question for q in questions}) == len(questions)
         assert len({tuple(q.answers) for q in questions}) == len(questions)
         for q in questions:
-            for other in questions:
-                if other is not q:  # no question gives away another's answer
+            assert q.answer_prefix and q.answer_prefix == q.answer_prefix.strip()
+            for other in questions:  # no question or answer prefix gives away an answer
+                assert not scoring.contains(q.answer_prefix, other.answers)
+                if other is not q:
                     assert not scoring.contains(q.question, other.answers)
 
 
@@ -73,7 +75,7 @@ def test_answer_in_context_at_depth_and_length(task, length):
 def test_each_context_cycles_the_depths_from_its_own_start():
     depths = (0.2, 0.4, 0.6)
     for i, questions in enumerate(by_context(make("multikey", depths=depths)).values()):
-        assert [q.depth for q in questions] == [depths[(i + j) % 3] for j in range(tasks.QUESTIONS)]
+        assert [q.depth for q in questions] == [depths[(i + j) % 3] for j in range(tasks.QUESTIONS["multikey"])]
 
 
 def test_stated_depth_matches_needle_position():
@@ -126,7 +128,7 @@ def test_jsonl_round_trip_and_plain_format(tmp_path):
     line = json.loads(path.read_text().splitlines()[0])
     assert set(line) == {
         "id", "context_id", "task", "length", "token_length", "depth", "needle_depth", "context", "question",
-        "answers", "scoring", "max_new_tokens", "seed", "tokenizer",
+        "answer_prefix", "answers", "scoring", "max_new_tokens", "seed", "tokenizer",
     }  # fmt: skip
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(HeadwiseError, match=f":{len(samples) + 1}:"):

@@ -118,6 +118,7 @@ def sample(context: str, q: int, seed: int = 0, task: str = "passkey", length: i
         needle_depth=0.5,
         context=context,
         question=f"q{q}?",
+        answer_prefix="The answer is",
         answers=["1"],
         scoring="contains",
         max_new_tokens=4,

@@ -322,24 +322,30 @@ def press_fields(ctx: PressContext, cell: Cell, record: dict) -> dict:
 
 
 def pipeline_answers(model: torch.nn.Module, tokenizer: Any, questions: Sequence[Sample], press: Any) -> list[str]:
-    """kvpress's own ``KVPressTextGenerationPipeline`` on one context with all its questions at once (its
-    multi-question support: one prefill, each answer then cut off the cache), stripped.
+    """kvpress's own ``KVPressTextGenerationPipeline`` on one context, stripped answers in the questions' order.
 
-    The pipeline gets ``"\\n\\n" + question`` as each question, so the text it renders is the protocol's
-    prompt; it stops at the generation config's end-of-sequence ids only and takes one ``max_new_tokens``
-    (the largest of the questions').
+    The questions that share an answer prefix go in one call (its multi-question support: one prefill, each
+    answer then cut off the cache), since the pipeline takes one ``answer_prefix`` per call. It gets
+    ``"\\n\\n" + question`` as each question, so the text it renders is the protocol's prompt; it stops at
+    the generation config's end-of-sequence ids only and takes one ``max_new_tokens`` (the largest of the
+    questions').
     """
     from kvpress import KVPressTextGenerationPipeline
 
     pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
-    with torch.inference_mode():
-        out = pipe(
-            questions[0].context,
-            questions=[SEPARATOR + q.question for q in questions],
-            press=press,
-            max_new_tokens=max(q.max_new_tokens for q in questions),
-        )
-    return [a.strip() for a in out["answers"]]
+    got: dict[str, str] = {}
+    for prefix in dict.fromkeys(q.answer_prefix for q in questions):
+        mine = [q for q in questions if q.answer_prefix == prefix]
+        with torch.inference_mode():
+            out = pipe(
+                questions[0].context,
+                questions=[SEPARATOR + q.question for q in mine],
+                answer_prefix=prefix,
+                press=press,
+                max_new_tokens=max(q.max_new_tokens for q in questions),
+            )
+        got.update({q.id: a.strip() for q, a in zip(mine, out["answers"], strict=True)})
+    return [got[q.id] for q in questions]
 
 
 def pipeline_check(ctx: PressContext, cell: Cell, record: dict) -> dict:

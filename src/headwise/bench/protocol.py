@@ -4,8 +4,10 @@ Prompt
     The prompt is ``context + "\\n\\n" + question``. Instruct models get it as one user turn of their chat
     template: the chat prompt is rendered once, checked to hold the context unchanged, and cut right after
     the context; the two pieces are tokenized separately (no special tokens added), so every method and
-    every library sees the very same token ids. Base models get ``BOS + context`` (the BOS token where the
-    model wants one, see :func:`headwise.generation.build_prompt`) and ``"\\n\\n" + question + "\\nAnswer:"``.
+    every library sees the very same token ids. The second piece ends with the sample's answer prefix, the start
+    of the model's own turn (RULER's answer prefixes; kvpress's pipeline puts its ``answer_prefix`` in the same
+    place). Base models get ``BOS + context`` (the BOS token where the model wants one, see
+    :func:`headwise.generation.build_prompt`) and ``"\\n\\n" + question + "\\nAnswer: " + answer_prefix``.
     All the questions of one context share its first piece (:func:`context_parts` checks it).
 Question-agnostic use
     The context piece is prefilled and compressed, the cache is sealed, and each question is answered on its
@@ -47,9 +49,10 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
             raise HeadwiseError(f"{lm.name}'s chat template altered the context of {sample.id}; cannot split it")
         end = rendered.index(sample.context) + len(sample.context)
         head = tok(rendered[:end], add_special_tokens=False)["input_ids"]
-        return list(head), list(tok(rendered[end:], add_special_tokens=False)["input_ids"])
+        return list(head), list(tok(rendered[end:] + sample.answer_prefix, add_special_tokens=False)["input_ids"])
     head = build_prompt(lm, sample.context, chat=False)
-    return head, list(tok(SEPARATOR + sample.question + "\nAnswer:", add_special_tokens=False)["input_ids"])
+    tail = f"{SEPARATOR}{sample.question}\nAnswer: {sample.answer_prefix}".rstrip()
+    return head, list(tok(tail, add_special_tokens=False)["input_ids"])
 
 
 def context_parts(lm: LoadedModel, questions: Sequence[Sample]) -> tuple[list[int], list[list[int]]]:

@@ -1,39 +1,41 @@
 """Long-context tasks generated offline and reproducibly from a seed, written as plain JSONL.
 
-Every context carries several independent questions (:data:`QUESTIONS`), each aimed at its own needle(s), so one
-prefill of the context (compressed once, question-agnostic) answers all of them; no question names another's
+Every context carries one or more independent questions (:data:`QUESTIONS`), each aimed at its own needle(s), so
+one prefill of the context (compressed once, question-agnostic) answers all of them; no question names another's
 answer. Task designs follow RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context
 Language Models?") and the needle-in-a-haystack / passkey tests (Kamradt 2023; Mohtashami and Jaggi 2023),
 with real prose as the haystack (see :mod:`headwise.bench.haystack`) instead of a repeated filler sentence.
 Needle keys are words that never occur in that prose (:data:`CATEGORIES`), so the prose does not compete with
 the needles. They are calibrated so that a small model with the full cache can answer (issue 13): redundant
-needle sentences, short chains, questions that echo the needle's wording.
+needle sentences, short chains, questions that echo the needle's wording, and an answer prefix per question
+("The door code is"), as RULER's templates have, which opens the model's turn in the needle's words so that a
+small model answers instead of drifting into the haystack's topic.
 
 ``passkey`` (single-needle retrieval)
-    :data:`QUESTIONS` needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
+    needles "The door code is 71432. Remember it. 71432 is the door code." under different labels;
     each question asks for one label's number.
 ``multikey`` (retrieval with distractors)
     RULER's multi-key NIAH: "The special magic number for <key> is <5 digits>." needles
     (one per question) of the same form, keys from different categories; each question asks for one key's
     number, the other needles are its distractors.
 ``multivalue`` (multi-needle retrieval)
-    RULER's multi-value NIAH: :data:`QUESTIONS` keys with two numbers each ("One of the special magic numbers for <key>
+    RULER's multi-value NIAH: keys with two numbers each ("One of the special magic numbers for <key>
     is: <7 digits>. Remember it. ..."); each question asks for all the numbers of one key (scored by the
     fraction found).
 ``vartrack`` (multi-hop tracing)
-    RULER's variable tracking, shortened and in words: :data:`QUESTIONS` chains "The tiger number is 12345.
+    RULER's variable tracking, shortened and in words: chains "The tiger number is 12345.
     Remember it. 12345 is the tiger number. The plum number is the same as the tiger number." (:data:`HOPS`
     numbers each, named by key words, side by side); each question asks for a chain's last number ("What is
     the plum number?").
 ``kv`` (retrieval with hard distractors)
     key-value retrieval with random identifiers (after Liu et al. 2023, "Lost in the Middle"): eight
-    'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; :data:`QUESTIONS` are asked for.
+    'key "3f9a21bc-77d0" maps to value "..."' sentences scattered through the prose; some are asked for.
 ``qa`` (a question about a passage)
     a short note about a person per question ("Marta Novak is a baker who lives in Lisbon. Marta Novak has lived
     in Lisbon for many years, working as a baker."); each question asks for one person's city or job, so the
     answer is read from a passage, in the passage's own words, among facts of the same kind about others.
 ``frequent`` (aggregation)
-    frequent-word extraction, after RULER's common words: in each of :data:`QUESTIONS` categories, one word is named
+    frequent-word extraction, after RULER's common words: in each of one or more categories, one word is named
     :data:`FREQUENT` times ("Today's fruit is plum.") and others :data:`RARE` times, at random depths;
     each question asks for one category's most frequent word.
 
@@ -53,11 +55,14 @@ plain JSON so that another library's runner can read it without importing headwi
 ``id`` (str, ``<context_id>-q<j>``), ``context_id`` (str, ``<task>-<length>-s<seed>-<index>``; every question
 of a context carries the identical ``context``), ``task`` (str), ``length`` (int, target tokens),
 ``token_length`` (int, measured tokens of context + "\\n\\n" + question), ``depth`` (float, requested),
-``needle_depth`` (float, measured), ``context`` (str), ``question`` (str), ``answers`` (list of str),
+``needle_depth`` (float, measured), ``context`` (str), ``question`` (str), ``answer_prefix`` (str, the start of
+the answer, fed after the question as the model's own words; see :mod:`headwise.bench.protocol`), ``answers``
+(list of str),
 ``scoring`` (str: ``exact``, ``contains`` or ``part``, see :mod:`headwise.bench.scoring`),
 ``max_new_tokens`` (int), ``seed`` (int), ``tokenizer`` (str, the tokenizer that measured the lengths).
 
-The prompt is ``context + "\\n\\n" + question`` (inside the model's chat template for instruct models).
+The prompt is ``context + "\\n\\n" + question`` (inside the model's chat template for instruct models), then
+the answer prefix.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class Sample:
     needle_depth: float
     context: str
     question: str
+    answer_prefix: str
     answers: list[str]
     scoring: str
     max_new_tokens: int
@@ -105,7 +111,8 @@ class Sample:
 
     @property
     def prompt(self) -> str:
-        """The text the model reads: context, a blank line, the question."""
+        """The text the model reads: context, a blank line, the question (the answer prefix follows it in the
+        model's own turn, see :mod:`headwise.bench.protocol`)."""
         return self.context + SEPARATOR + self.question
 
     def to_json(self) -> str:
@@ -120,10 +127,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class Question:
-    """One question of a context: its text, answers, scoring rule, decode budget and the needle it targets
-    (an index into :attr:`Spec.needles`; that needle's depth is the question's depth)."""
+    """One question of a context: its text, the start of its answer, answers, scoring rule, decode budget and the
+    needle it targets (an index into :attr:`Spec.needles`; that needle's depth is the question's depth)."""
 
     question: str
+    answer_prefix: str
     answers: tuple[str, ...]
     scoring: str
     max_new_tokens: int
@@ -191,11 +199,20 @@ def _random_depths(rng: random.Random, n: int) -> list[float]:
     return [rng.random() for _ in range(n)]
 
 
-QUESTIONS = 2
-"""Questions per context (each targets its own needles, so each is answerable alone). Two, not four: with four
-needles of one form SmolLM2-135M's full cache often answers an early needle's question with a later needle's
-value (passkey at 4K: 0.71 with four questions per context, 0.92 with two; multikey at 2K: 0.71 and 1.00;
-calibration seed, see BENCHMARKS.md)."""
+QUESTIONS: dict[str, int] = {
+    "passkey": 2,
+    "multikey": 2,
+    "multivalue": 2,
+    "vartrack": 1,
+    "kv": 2,
+    "qa": 1,
+    "frequent": 1,
+}
+"""Questions per context, per task (each targets its own needles, so each is answerable alone). At most two:
+with several needles of one form SmolLM2-135M's full cache often answers an early needle's question with a
+later needle's value (passkey at 4K: 0.71 with four questions per context, 0.92 with two; multikey at 2K: 0.71
+and 1.00). One for the tasks whose second chain, note or category did the same at 2K (vartrack 0.75 with two
+chains, 1.00 with one; qa 0.83 and 0.92; calibration seed, see BENCHMARKS.md)."""
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "color": ("red", "blue", "green", "yellow", "purple", "orange", "brown", "pink"),
@@ -207,7 +224,6 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 
 
 PASSKEY_LABELS = (
-    "pass key",
     "door code",
     "room number",
     "bank PIN",
@@ -219,15 +235,17 @@ PASSKEY_LABELS = (
 
 
 def build_passkey(rng: random.Random, depth: Depths) -> Spec:
-    """Single-needle retrieval: :data:`QUESTIONS` passkey needles under different labels, each asked for alone."""
-    labels = rng.sample(PASSKEY_LABELS, QUESTIONS)
-    keys = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
+    """Single-needle retrieval: passkey needles under different labels (:data:`QUESTIONS`), each asked for alone."""
+    n = QUESTIONS["passkey"]
+    labels = rng.sample(PASSKEY_LABELS, n)
+    keys = _distinct(rng, lambda: _digits(rng, 5), n)
     pairs = list(enumerate(zip(labels, keys, strict=True)))
     return Spec(
         needles=[(depth(j), f"The {label} is {key}. Remember it. {key} is the {label}.") for j, (label, key) in pairs],
         filler=_shuffled_paragraphs(rng),
         questions=[
-            Question(f"What is the {label}? Answer with the number only.", (key,), "contains", 16, j)
+            Question(f"What is the {label}? Answer with the number only.", f"The {label} is", (key,), "contains", 16,
+                     j)
             for j, (label, key) in pairs
         ],
     )
@@ -254,14 +272,15 @@ seven-digit number now and then (one answer in 24 on the calibration seed at 2K)
 def build_multikey(rng: random.Random, depth: Depths) -> Spec:
     """Multi-key NIAH: one key's number per question, in the same sentence form; each question asks for one key,
     the other needles are its distractors."""
-    keys = _keys(rng, QUESTIONS)
-    values = _distinct(rng, lambda: _digits(rng, MULTIKEY_DIGITS), QUESTIONS)
+    keys = _keys(rng, QUESTIONS["multikey"])
+    values = _distinct(rng, lambda: _digits(rng, MULTIKEY_DIGITS), QUESTIONS["multikey"])
     return Spec(
         needles=[(depth(j), _magic(k, v, unique=True)) for j, (k, v) in enumerate(zip(keys, values, strict=True))],
         filler=_shuffled_paragraphs(rng),
         questions=[
             Question(
                 f"What is the special magic number for {k}? Answer with the number only.",
+                f"The special magic number for {k} is",
                 (v,),
                 "contains",
                 24,
@@ -278,14 +297,15 @@ MULTIVALUE_VALUES = 2
 def build_multivalue(rng: random.Random, depth: Depths) -> Spec:
     """Multi-value NIAH: a key per question with two numbers each (the second at a random depth); each question
     asks for all the numbers of one key."""
-    keys = _keys(rng, QUESTIONS)
-    values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS * MULTIVALUE_VALUES)
+    keys = _keys(rng, QUESTIONS["multivalue"])
+    values = _distinct(rng, lambda: _digits(rng, 7), QUESTIONS["multivalue"] * MULTIVALUE_VALUES)
     needles, questions = [], []
     for j, key in enumerate(keys):
         mine = values[j * MULTIVALUE_VALUES : (j + 1) * MULTIVALUE_VALUES]
         questions.append(
             Question(
                 f"What are all the special magic numbers for {key}? Answer with the numbers only.",
+                f"The special magic numbers for {key} are",
                 tuple(mine),
                 "part",
                 40,
@@ -313,14 +333,16 @@ HOPS = 2
 def build_vartrack(rng: random.Random, depth: Depths) -> Spec:
     """Variable tracking in words: a chain per question of :data:`HOPS` numbers named by key words, its statements
     side by side at its depth; each question asks for one chain's last number."""
-    names = _keys(rng, QUESTIONS * HOPS)
-    values = _distinct(rng, lambda: _digits(rng, 5), QUESTIONS)
-    chains = [names[j * HOPS : (j + 1) * HOPS] for j in range(QUESTIONS)]
+    n = QUESTIONS["vartrack"]
+    names = _keys(rng, n * HOPS)
+    values = _distinct(rng, lambda: _digits(rng, 5), n)
+    chains = [names[j * HOPS : (j + 1) * HOPS] for j in range(n)]
     return Spec(
         needles=[(depth(j), _chain(chain, value)) for j, (chain, value) in enumerate(zip(chains, values, strict=True))],
         filler=_shuffled_paragraphs(rng),
         questions=[
-            Question(f"What is the {chain[-1]} number? Answer with the number only.", (value,), "contains", 16, j)
+            Question(f"What is the {chain[-1]} number? Answer with the number only.", f"The {chain[-1]} number is",
+                     (value,), "contains", 16, j)
             for j, (chain, value) in enumerate(zip(chains, values, strict=True))
         ],
     )
@@ -332,7 +354,8 @@ KV_PAIRS = 8
 def build_kv(rng: random.Random, depth: Depths) -> Spec:
     """Key-value retrieval over random identifiers: eight pairs, :data:`QUESTIONS` of them asked for (one each)."""
     pairs = [(_identifier(rng), _identifier(rng)) for _ in range(KV_PAIRS)]
-    depths = [depth(j) for j in range(QUESTIONS)] + _random_depths(rng, KV_PAIRS - QUESTIONS)
+    n = QUESTIONS["kv"]
+    depths = [depth(j) for j in range(n)] + _random_depths(rng, KV_PAIRS - n)
     return Spec(
         needles=[
             (d, f'In the registry, key "{k}" maps to value "{v}".') for d, (k, v) in zip(depths, pairs, strict=True)
@@ -341,12 +364,13 @@ def build_kv(rng: random.Random, depth: Depths) -> Spec:
         questions=[
             Question(
                 f'What value does key "{k}" map to in the registry above? Answer with the value only.',
+                f'Key "{k}" maps to value "',
                 (v,),
                 "contains",
                 24,
                 j,
             )
-            for j, (k, v) in enumerate(pairs[:QUESTIONS])
+            for j, (k, v) in enumerate(pairs[:n])
         ],
     )
 
@@ -365,19 +389,18 @@ def build_qa(rng: random.Random, depth: Depths) -> Spec:
     """A question about a passage: a short note per question about a different person, at its depth, saying where
     they live and what they work as (each fact twice, in other words); each question asks for one person's city
     or job."""
-    people = [f"{f} {n}" for f, n in zip(rng.sample(FIRST_NAMES, QUESTIONS), rng.sample(LAST_NAMES, QUESTIONS),
-                                           strict=True)]
-    cities, jobs = rng.sample(CITIES, QUESTIONS), rng.sample(JOBS, QUESTIONS)
+    n = QUESTIONS["qa"]
+    people = [f"{f} {s}" for f, s in zip(rng.sample(FIRST_NAMES, n), rng.sample(LAST_NAMES, n), strict=True)]
+    cities, jobs = rng.sample(CITIES, n), rng.sample(JOBS, n)
     needles, questions = [], []
     for j, (who, city, job) in enumerate(zip(people, cities, jobs, strict=True)):
         needles.append((depth(j), f"{who} is a {job} who lives in {city}. {who} has lived in {city} for many years, "
                                   f"working as a {job}."))
         if rng.random() < 0.5:
-            questions.append(Question(f"In which city does {who} live? Answer with the city only.", (city,),
-                                      "contains", 16, j))
+            asked = (f"In which city does {who} live? Answer with the city only.", f"{who} lives in", city)
         else:
-            questions.append(Question(f"What does {who} work as? Answer with the job only.", (job,), "contains", 16,
-                                      j))
+            asked = (f"What does {who} work as? Answer with the job only.", f"{who} is a", job)
+        questions.append(Question(asked[0], asked[1], (asked[2],), "contains", 16, j))
     return Spec(needles=needles, filler=_shuffled_paragraphs(rng), questions=questions)
 
 
@@ -395,11 +418,12 @@ def build_frequent(rng: random.Random, depth: Depths) -> Spec:
     named :data:`FREQUENT` times and others fewer (:data:`RARE`); each question asks for one category's most
     frequent word. One naming of the frequent word sits at the question's depth, every other at random."""
     needles, questions = [], []
-    for j, category in enumerate(rng.sample(sorted(CATEGORIES), QUESTIONS)):
+    for j, category in enumerate(rng.sample(sorted(CATEGORIES), QUESTIONS["frequent"])):
         top, *others = rng.sample(CATEGORIES[category], 1 + len(RARE))
         questions.append(
             Question(
                 f"Which {category} is named most often as today's {category}? Answer with the {category} only.",
+                f"The {category} named most often as today's {category} is",
                 (top,),
                 "contains",
                 12,
@@ -568,6 +592,7 @@ def generate(
                     needle_depth=built.needle_depths[q.needle],
                     context=built.context,
                     question=q.question,
+                    answer_prefix=q.answer_prefix,
                     answers=list(q.answers),
                     scoring=q.scoring,
                     max_new_tokens=q.max_new_tokens,
