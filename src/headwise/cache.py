@@ -571,3 +571,56 @@ class HeadwiseCache(Cache):
     def describe(self) -> str:
         return self.plan.describe()
 
+    # saving and loading -----------------------------------------------------------------------------------
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """What the cache holds, as named tensors (for :func:`safetensors.torch.save_file`).
+
+        Per compressed layer ``i`` and KV head ``h``: ``i.h.keys``, ``.values``, ``.positions``, ``.state`` (and
+        the compensation token's ``.summary_keys``, ``.summary_values``, ``.evicted`` once it exists), plus the
+        layer's logical length ``i.seen``. A transformers layer (sliding window) is saved as ``i.keys``,
+        ``i.values`` and its logical length ``i.seen``. :meth:`from_tensors` reads them back.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if not layer.is_initialized:
+                continue
+            out[f"{i}.seen"] = torch.tensor([layer.get_seq_length()])
+            if not isinstance(layer, CompressedLayer):
+                out[f"{i}.keys"], out[f"{i}.values"] = layer.keys.contiguous(), layer.values.contiguous()
+                continue
+            for h, head in enumerate(layer.heads):
+                named = {"keys": head.keys, "values": head.values, "positions": head.positions, "state": head.state}
+                if head.summary is not None:
+                    named |= {"summary_keys": head.summary[0], "summary_values": head.summary[1],
+                              "evicted": head.evicted}
+                out |= {f"{i}.{h}.{name}": t.contiguous() for name, t in named.items()}
+        return out
+
+    @classmethod
+    def from_tensors(cls, config, plan: Plan, tensors: dict[str, torch.Tensor]) -> HeadwiseCache:
+        """A sealed cache holding ``tensors`` (from :meth:`to_tensors` of a cache of the same model and plan)."""
+        cache = cls(config, plan)
+        for i, layer in enumerate(cache.layers):
+            if f"{i}.seen" not in tensors:
+                continue
+            seen = int(tensors[f"{i}.seen"][0])
+            if not isinstance(layer, CompressedLayer):
+                layer.update(tensors[f"{i}.keys"], tensors[f"{i}.values"])
+                if hasattr(layer, "cumulative_length"):  # a sliding window holds fewer tokens than it has seen
+                    layer.cumulative_length = seen
+                continue
+            heads = [key[len(f"{i}."):-len(".keys")] for key in tensors
+                     if key.startswith(f"{i}.") and key.endswith(".keys")]
+            first = tensors[f"{i}.0.keys"]
+            layer.lazy_initialization(first.new_zeros(first.shape[0], len(heads), 0, first.shape[-1]), first)
+            for h, head in enumerate(layer.heads):
+                head.keys, head.values = tensors[f"{i}.{h}.keys"], tensors[f"{i}.{h}.values"]
+                head.positions, head.state = tensors[f"{i}.{h}.positions"], tensors[f"{i}.{h}.state"]
+                if f"{i}.{h}.evicted" in tensors:
+                    head.summary = (tensors[f"{i}.{h}.summary_keys"], tensors[f"{i}.{h}.summary_values"])
+                    head.evicted = tensors[f"{i}.{h}.evicted"]
+            layer.seen, layer.prompt_checked = seen, True
+        cache.seal()
+        return cache
+

@@ -16,6 +16,7 @@ from headwise.checks import add_threads_option
 from headwise.errors import HeadwiseError, run_cli
 from headwise.profile.cli import add_profile
 from headwise.registry import DEFAULT_MODEL, REGISTRY
+from headwise.serve.cli import add_serve
 
 
 def _utf8(data: bytes, source: str) -> str:
@@ -155,13 +156,14 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_profile, add_bench]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_profile, add_bench, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headwise",
-        description="Profile attention heads, compress the KV cache per head, and benchmark it on long prompts.",
+        description="Profile attention heads, compress the KV cache per head, benchmark it on long prompts, and "
+        "serve compressed contexts.",
     )
     parser.add_argument("--version", action="version", version=f"headwise {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
