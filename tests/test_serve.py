@@ -8,10 +8,6 @@ hit, a stream, another client at the same time, and a server restarted on its sa
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,49 +17,20 @@ from pathlib import Path
 import openai
 import pytest
 
+from headwise.serve.launch import ServerProcess
 from serve_helpers import tiny_chat_folder
 
 DOC = "The door code is 4521. The gate code is 9034. " * 12  # about 560 byte tokens: a context
 MODEL = "tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Served:
-    """A server process and a client for it."""
+class Served(ServerProcess):
+    """The tiny model's server (snapkv at 0.5, contexts from 64 tokens), with an ``openai`` client and raw posts."""
 
     def __init__(self, folder: Path, *args: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "headwise.cli", "serve", "--model", str(folder), "--port", str(self.port),
-                   "--served-name", MODEL,
-                   "--policy", "snapkv", "--ratio", "0.5", "--context-threshold", "64", "--threads", "1", *args]
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stdout.read().decode()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start")
+        super().__init__(["--model", str(folder), "--served-name", MODEL, "--policy", "snapkv", "--ratio", "0.5",
+                          "--context-threshold", "64", *args], timeout=120)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0)
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"{self.url}/metrics") as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(f"headwise_{name} ") or line.startswith(f"headwise_{name}{{"):
-                    return float(line.rsplit(" ", 1)[1])
-        return 0.0
 
     def post(self, path: str, body: bytes) -> tuple[int, dict]:
         request = urllib.request.Request(f"{self.url}{path}", data=body, headers={"Content-Type": "application/json"})
@@ -72,10 +39,6 @@ class Served:
                 return r.status, json.load(r)
         except urllib.error.HTTPError as exc:
             return exc.code, json.load(exc)
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from headwise.errors import HeadwiseError
 from headwise.generation import prefill
 from headwise.serve.cli import parse_bytes
 from headwise.serve.contexts import Context, ContextCache, context_key, load_context, save_context
+from headwise.serve.launch import parse_metrics
 from headwise.serve.metrics import Metrics
 from headwise.serve.prompts import chat_prompt, completion_prompt
 from serve_helpers import byte_tokenizer
@@ -140,8 +141,9 @@ def test_metrics_text_is_prometheus_exposition():
     assert "headwise_decode_tokens_per_second 5.0" in lines
     assert "headwise_queue_depth 4.0" in lines
     assert "# TYPE headwise_time_to_first_token_seconds summary" in lines
-    samples = [line for line in lines if not line.startswith("#")]
-    assert all(len(line.rsplit(" ", 1)) == 2 and float(line.rsplit(" ", 1)[1]) >= 0 for line in samples)
+    parsed = parse_metrics(text)
+    assert parsed['headwise_requests_total{endpoint="chat"}'] == 2 and parsed["headwise_queue_depth"] == 4
+    assert len(parsed) == sum(1 for line in lines if not line.startswith("#"))
 
 
 @pytest.mark.parametrize(("text", "expected"), [("2GiB", 2**31), ("512MiB", 2**29), ("1000", 1000), ("1.5kb", 1500)])
