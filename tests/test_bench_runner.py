@@ -77,7 +77,7 @@ def test_cell_key_hashes_resolved_options_not_options_as_typed():
     assert key({}) != key({"window": str(default_window + 1)})
     cell = runner.Cell("m", "snapkv", 0.5, "passkey", 1024, "agnostic", 2, 0, fingerprint="a")
     assert cell.key() != dataclasses.replace(cell, fingerprint="b").key()
-    assert cell.part_key("c0") != cell.part_key("c1")
+    assert cell.part_key("c0", "d") != cell.part_key("c1", "d") != cell.part_key("c1", "e")
 
 
 def test_resolved_options_follow_the_content_of_a_profile(tmp_path):
@@ -295,6 +295,16 @@ def test_the_shared_prefill_gives_the_answers_of_the_direct_path(tmp_path, lm, s
     assert runner.cache_bytes(shared) == runner.cache_bytes(direct_cache)
 
 
+def test_a_part_run_on_other_task_content_is_not_reused(tmp_path, lm, samples):
+    path = tmp_path / "results.jsonl"
+    planned = cells()
+    first = run(lm, planned, samples, path)
+    assert run(lm, planned, samples, path) == []  # the same contents: nothing to run
+    moved = {g: [dataclasses.replace(q, depth=0.3) for q in qs] for g, qs in samples.items()}  # same context ids
+    again = run(lm, planned, moved, path)
+    assert len(again) == len(first) and {r["key"] for r in again}.isdisjoint(r["key"] for r in first)
+
+
 def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samples, monkeypatch):
     path = tmp_path / "results.jsonl"
     planned = cells(methods=("streaming_llm", "knorm"))
@@ -304,7 +314,7 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samp
     def crash_after_three(ctx, cell, references):
         if len(calls) == 3:
             raise KeyboardInterrupt
-        calls.append(cell.part_key(ctx.id))
+        calls.append(cell.part_key(ctx.id, ctx.digest))
         return real_run_part(ctx, cell, references)
 
     monkeypatch.setattr(runner, "run_part", crash_after_three)
@@ -313,7 +323,7 @@ def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samp
     assert len(store.read_records(path)) == 3
 
     calls.clear()
-    monkeypatch.setattr(runner, "run_part", lambda ctx, cell, refs: calls.append(cell.part_key(ctx.id))
+    monkeypatch.setattr(runner, "run_part", lambda ctx, cell, refs: calls.append(cell.part_key(ctx.id, ctx.digest))
                         or real_run_part(ctx, cell, refs))
     run(lm, planned, samples, path)
     parts = len(planned) * 2

@@ -66,7 +66,7 @@ from transformers import DynamicCache
 import headwise
 from headwise.bench import runner
 from headwise.bench.calibration import CALIBRATION_SEED, FULL
-from headwise.bench.runner import Cell, Context, contexts
+from headwise.bench.runner import Cell, Context, context_digest, contexts
 from headwise.bench.store import read_records
 from headwise.bench.tasks import SEPARATOR, Sample, read_samples
 from headwise.compat import cache_kwargs, forward
@@ -482,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = {r["key"] for r in read_records(args.out)}
         for (task, length, seed), group in work.items():
             for cell in plan_cells(args.model, specs, presses, ratios, task, length, len(group), seed):
-                todo = sum(cell.part_key(q[0].context_id) not in done for q in group)
+                todo = sum(cell.part_key(q[0].context_id, context_digest(q)) not in done for q in group)
                 print(
                     f"{cell.method:25s} {cell.ratio:<5g} {task}-{length}-s{seed}: {todo}/{len(group)} contexts to run"
                 )

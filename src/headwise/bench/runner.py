@@ -159,9 +159,10 @@ class Cell:
         identity = {k: v for k, v in asdict(self).items() if k != "options"}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
-    def part_key(self, context_id: str) -> str:
-        """Key of this cell's part on one context."""
-        return hashlib.sha256(f"{self.key()}|{context_id}".encode()).hexdigest()[:20]
+    def part_key(self, context_id: str, digest: str) -> str:
+        """Key of this cell's part on one context, named by its id and the :func:`context_digest` of its questions:
+        a part run on other task content (other needle depths, say) is never taken for this one."""
+        return hashlib.sha256(f"{self.key()}|{context_id}|{digest}".encode()).hexdigest()[:20]
 
     @property
     def shares_prefill(self) -> bool:
@@ -234,6 +235,11 @@ def plan_cells(
 # ---------------------------------------------------------------------------------------------- one context
 
 
+def context_digest(questions: Sequence[Sample]) -> str:
+    """Hash of every field of a context's questions: the context, the questions, answers, depths and prefixes."""
+    return hashlib.sha256("\n".join(q.to_json() for q in questions).encode("utf-8")).hexdigest()[:20]
+
+
 def contexts(samples: Sequence[Sample]) -> list[list[Sample]]:
     """Samples grouped by context, in order."""
     groups: dict[str, list[Sample]] = {}
@@ -275,6 +281,7 @@ class Context:
         self.share_prefill = share_prefill
         self.questions = list(questions)
         self.id = questions[0].context_id
+        self.digest = context_digest(questions)
         self.head, self.tails = context_parts(lm, questions)
         self._dense: dense.DenseContext | None = None
         self.dense_seconds = 0.0
@@ -343,7 +350,7 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     kv, prefills, compressions = (sum(column) / len(built) for column in zip(*built, strict=True))
     return {
-        "key": cell.part_key(ctx.id), "cell": cell.key(), **asdict(cell), "context_id": ctx.id,
+        "key": cell.part_key(ctx.id, ctx.digest), "cell": cell.key(), **asdict(cell), "context_id": ctx.id,
         "score": sum(r["score"] for r in rows) / len(rows), "kv_bytes": kv, "prefill_seconds": prefills,
         "compress_seconds": compressions,
         "shared_prefill": ctx.shares(cell), "peak_rss": mem.peak, "peak_rss_delta": mem.delta,
@@ -429,19 +436,19 @@ def sweep(
     groups: dict[tuple[str, int, int], list[Cell]] = {}
     for c in cells:
         groups.setdefault((c.task, c.length, c.seed), []).append(c)
-    work = [(g, questions) for g, group in groups.items() for questions in contexts(samples_for(*g))]
-    todo = sum(c.part_key(q[0].context_id) not in stored for g, q in work for c in groups[g])
+    work = [(g, qs, qs[0].context_id, context_digest(qs)) for g in groups for qs in contexts(samples_for(*g))]
+    todo = sum(c.part_key(i, d) not in stored for g, _, i, d in work for c in groups[g])
     if peer is None:
-        check_fit(lm, [c for c in cells if any(c.part_key(q[0].context_id) not in stored for _, q in work)])
+        check_fit(lm, [c for c in cells if any(c.part_key(i, d) not in stored for _, _, i, d in work)])
     meta = peer.provenance if peer else provenance()
     records = []
     bar = tqdm(total=todo, desc=f"bench {library}", unit="part", disable=not progress)
-    for g, questions in work:
-        missing = [c for c in groups[g] if c.part_key(questions[0].context_id) not in stored]
+    for g, questions, context_id, digest in work:
+        missing = [c for c in groups[g] if c.part_key(context_id, digest) not in stored]
         if not missing:
             continue
         ctx = peer.context(questions) if peer else Context(lm, questions, share_prefill=share_prefill)
-        references = stored_references(stored, groups[g], ctx.id)
+        references = stored_references(stored, groups[g], context_id, digest)
         for cell in sorted(missing, key=lambda c: c.method != FULL):
             bar.set_postfix_str(f"{ctx.id} {cell.method} {cell.ratio:g} {cell.protocol}")
             record = run_part(ctx, cell, references)
@@ -454,10 +461,11 @@ def sweep(
     return records
 
 
-def stored_references(stored: dict[str, dict], cells: Sequence[Cell], context_id: str) -> dict[str, Reference]:
+def stored_references(stored: dict[str, dict], cells: Sequence[Cell], context_id: str,
+                      digest: str) -> dict[str, Reference]:
     """The full cache's answers to a context's questions, from its stored part (empty when not yet run)."""
     full = [c for c in cells if c.method == FULL]
-    part = stored.get(full[0].part_key(context_id)) if full else None
+    part = stored.get(full[0].part_key(context_id, digest)) if full else None
     if part is None:
         return {}
     return {row["id"]: Reference(row["answer_ids"], row["nll"]) for row in part["samples"]}
