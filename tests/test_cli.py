@@ -117,3 +117,17 @@ def test_profile_windows_must_be_integers_and_include_the_role_window(capsys):
     for windows, message in (("16,abc", "comma-separated integers"), ("16,64", "role window 256")):
         assert main(["profile", "--windows", windows, "--out", "unused"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_bad_selection_is_refused_before_the_model_loads(capsys):
+    for select, message in (("nope", "unknown selection"), ("quest", "exactly one of a budget")):
+        code, _, err = run(capsys, "generate", "--model", "no-such-model", "--select", select, "hi")
+        assert code == 2 and message in err
+
+
+@pytest.mark.slow
+def test_generate_with_selection_reports_what_decoding_read(capsys, smollm2):
+    text = "The capital of France is Paris. " * 60 + "What is the capital of France?"
+    code, out, err = run(capsys, "generate", "--select", "quest:budget=128", "-n", "8", text)
+    assert code == 0 and "Paris" in out
+    assert "reads quest 128" in err and "decoding read" in err

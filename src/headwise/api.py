@@ -25,6 +25,7 @@ from headwise.budgets import check_prompt
 from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES, make_policy
+from headwise.select import Selector, parse_selector
 
 PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce", "compensate")
 
@@ -75,10 +76,13 @@ def make_plan(
     mode: str = "prefill",
     prompt_length: int | None = None,
     options: list[str] | dict[str, Any] | None = None,
+    select: str | Selector | None = None,
 ) -> Plan:
     """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed).
 
     With ``prompt_length``, the plan is also checked against the prompt (:func:`headwise.budgets.check_prompt`).
+    ``select`` adds a decode-time selection rule (:mod:`headwise.select`), as a rule or in ``--select``'s form
+    (``"quest:budget=256"``); it combines with any policy, ``full`` included.
     A policy that does not compress (``full``) takes no ratio above 0, no budget and no options.
     """
     opts = parse_options(options)
@@ -96,7 +100,8 @@ def make_plan(
         raise HeadwiseError(f"policy '{policy}' keeps the whole cache: it takes no ratio, budget or options")
     if ratio is None and budget is None and not pol.compresses:
         ratio = 0.0
-    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, **plan_opts)
+    selector = parse_selector(select) if isinstance(select, str) else select
+    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, **plan_opts)
     for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
                                 ("floor", "allocation=adaptive", plan.allocation == "adaptive")):
         if key in plan_opts and not applies:
@@ -115,6 +120,7 @@ def make_cache(
     mode: str = "prefill",
     prompt_length: int | None = None,
     options: list[str] | dict[str, Any] | None = None,
+    select: str | Selector | None = None,
 ) -> HeadwiseCache:
     """A compressed cache for ``model`` and select the ``"headwise"`` attention on it.
 
@@ -134,7 +140,10 @@ def make_cache(
     options : list of "KEY=VALUE" or dict
         Policy options (e.g. ``window``, ``sinks``) and plan options (``schedule``, ``slope``, ``allocation``,
         ``floor``, ``group_reduce``).
+    select : str or Selector, optional
+        A decode-time selection rule, e.g. ``"quest:budget=256"`` (see :func:`make_plan`).
     """
-    plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options)
+    plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options,
+                     select=select)
     model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)

@@ -51,6 +51,7 @@ from headwise.budgets import (
 )
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
+from headwise.select.base import PageSummary, Selector
 
 MODES = ("prefill", "decode")
 QUERY_BLOCK = 256  # queries per block when a policy needs the attention of many queries
@@ -86,6 +87,9 @@ class Plan:
         keys and values, which attention weighs as that many tokens (RazorAttention, Tang et al. 2024,
         "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads"). Costs one key and one
         value per head, counted in :meth:`CompressedLayer.nbytes`.
+    select : Selector, optional
+        A decode-time selection rule (:mod:`headwise.select`): each single-token forward reads, per KV head,
+        only the stored tokens the rule picks (Quest's pages, say), from whatever the policy kept.
     """
 
     policy: Policy
@@ -98,6 +102,7 @@ class Plan:
     floor: float = 0.2
     group_reduce: str = "mean"
     compensate: bool = False
+    select: Selector | None = None
 
     def __post_init__(self) -> None:
         if self.policy.compresses and (self.ratio is None) == (self.budget is None):
@@ -136,9 +141,10 @@ class Plan:
 
     def describe(self) -> str:
         amount = f"ratio {self.ratio}" if self.ratio is not None else f"budget {self.budget}"
+        reads = f", reads {self.select.name} {self.select.budget or self.select.fraction}" if self.select else ""
         if not self.policy.compresses:
-            return self.policy.name
-        return f"{self.policy.name}, {amount}, {self.mode} mode, {self.schedule}/{self.allocation}"
+            return self.policy.name + reads
+        return f"{self.policy.name}, {amount}, {self.mode} mode, {self.schedule}/{self.allocation}{reads}"
 
 
 class _Handoff(threading.local):
@@ -185,6 +191,7 @@ class _Head:
     state: torch.Tensor
     summary: tuple[torch.Tensor, torch.Tensor] | None = None
     evicted: torch.Tensor | None = None
+    pages: PageSummary | None = None  # decode-time selection's page bounds (headwise.select), None until needed
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys], dim=1)
@@ -200,6 +207,7 @@ class _Head:
         """
         if compensate:
             self._summarize(index, valid)
+        self.pages = None  # the pages no longer hold the same tokens
         d = self.keys.shape[-1]
         wide = index.unsqueeze(-1).expand(-1, -1, d)
         self.keys = self.keys.gather(1, wide)
@@ -221,12 +229,21 @@ class _Head:
         self.summary = (sums[0] / scale, sums[1] / scale)
         self.evicted = count
 
-    def attended(self, allowed: torch.Tensor | None, q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Keys [B, 1, m, d], values and SDPA mask for attention; the summary (if any) weighs ``evicted`` tokens."""
-        keys, values = self.keys[:, None], self.values[:, None]
+    def attended(
+        self, allowed: torch.Tensor | None, q: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys [B, 1, m, d], values and SDPA mask for attention, over the tokens at ``index`` [B, k] only when
+        given (decode-time selection); the summary (if any) weighs ``evicted`` tokens."""
+        keys, values = self.keys, self.values
+        if index is not None:
+            wide = index[..., None].expand(-1, -1, keys.shape[-1])
+            keys, values = keys.gather(1, wide), values.gather(1, wide)
+            if allowed is not None:
+                allowed = allowed.gather(-1, index[:, None, None, :].expand(-1, 1, allowed.shape[2], -1))
+        keys, values = keys[:, None], values[:, None]
         if self.summary is None:
             return keys, values, allowed
-        b, n = self.positions.shape
+        b, n = keys.shape[0], keys.shape[2]
         mask = keys.new_zeros(b, 1, q, n)
         if allowed is not None:
             mask = mask.masked_fill(~allowed, float("-inf"))
@@ -243,6 +260,7 @@ class _Head:
     def select_batch(self, index: torch.Tensor) -> None:
         self.keys, self.values = self.keys[index], self.values[index]
         self.positions, self.state = self.positions[index], self.state[index]
+        self.pages = None
         if self.summary is not None:
             self.summary = (self.summary[0][index], self.summary[1][index])
             self.evicted = self.evicted[index]
@@ -269,6 +287,8 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.sealed = False
         self.prompt_checked = False
+        self.read_tokens = 0  # decode-time reads, summed over steps and heads (with what the heads held)
+        self.held_tokens = 0
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -381,7 +401,7 @@ class CompressedLayer(CacheLayerMixin):
     def metadata_bytes(self) -> int:
         """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts."""
         return sum(h.positions.nbytes + h.state.nbytes + (h.evicted.nbytes if h.evicted is not None else 0)
-                   for h in self.heads)
+                   + (h.pages.nbytes() if h.pages is not None else 0) for h in self.heads)
 
     def kept(self) -> list[int]:
         """Tokens kept per KV head (not counting a compensation token)."""
@@ -424,7 +444,8 @@ class CompressedLayer(CacheLayerMixin):
             # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
             plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
             allowed = None if plain_causal else self._allowed(head, attention_mask, q)
-            keys, values, mask = head.attended(allowed, q)
+            index = self._select(head, q_h) if q == 1 and self.plan.select is not None else None
+            keys, values, mask = head.attended(allowed, q, index)
             outputs.append(
                 F.scaled_dot_product_attention(
                     q_h, keys, values, attn_mask=mask, scale=scaling, is_causal=plain_causal and q > 1,
@@ -433,6 +454,14 @@ class CompressedLayer(CacheLayerMixin):
             )
         self._feed_policy(query, attention_mask, scaling)
         return torch.cat(outputs, dim=1).transpose(1, 2)
+
+    def _select(self, head: _Head, q_h: torch.Tensor) -> torch.Tensor | None:
+        """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting."""
+        index, head.pages = self.plan.select.choose(q_h[:, :, 0], head.keys, head.pages)
+        n = head.keys.shape[1]
+        self.held_tokens += n
+        self.read_tokens += n if index is None else index.shape[1]
+        return index
 
     def _feed_policy(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> None:
         """After a forward's attention: give each head's policy the attention rows it needs, then compress
@@ -567,6 +596,12 @@ class HeadwiseCache(Cache):
 
     def metadata_bytes(self) -> int:
         return sum(layer.metadata_bytes() for layer in self.compressed_layers)
+
+    def read_fraction(self) -> float:
+        """Of the tokens the compressed layers held at decoding steps, the fraction those steps read (1.0 without
+        decode-time selection, or before any step)."""
+        held = sum(layer.held_tokens for layer in self.compressed_layers)
+        return sum(layer.read_tokens for layer in self.compressed_layers) / held if held else 1.0
 
     def describe(self) -> str:
         return self.plan.describe()
