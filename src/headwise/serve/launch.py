@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from headwise.errors import HeadwiseError
@@ -32,18 +32,24 @@ def parse_metrics(text: str) -> dict[str, float]:
     return values
 
 
+def headwise_serve(port: int, threads: int, args: list[str]) -> list[str]:
+    """The command line of ``headwise serve ARGS`` on ``port`` with ``threads`` torch threads."""
+    return [sys.executable, "-m", "headwise.cli", "serve", "--port", str(port), "--threads", str(threads), *args]
+
+
 class ServerProcess:
-    """``headwise serve ARGS`` on loopback, started and waited for (``/health``) on construction.
+    """A server on loopback, started and waited for on construction: ``headwise serve ARGS``, or the command
+    ``program(port)`` returns (another OpenAI-compatible server), ready once ``ready`` answers HTTP 200.
 
     Use as a context manager, or call :meth:`close`. ``url`` is the server's root (``.../v1`` is the API).
     """
 
-    def __init__(self, args: list[str], *, timeout: float = 600, threads: int = 1) -> None:
+    def __init__(self, args: list[str], *, timeout: float = 600, threads: int = 1,
+                 program: Callable[[int], list[str]] | None = None, ready: str = "/health") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        command = [sys.executable, "-m", "headwise.cli", "serve", "--port", str(self.port),
-                   "--threads", str(threads), *args]
+        command = program(self.port) if program else headwise_serve(self.port, threads, args)
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close); not a pipe: a full one blocks the server
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -52,15 +58,15 @@ class ServerProcess:
                 self.log.seek(0)
                 output = self.log.read().decode(errors="replace").strip()
                 self.log.close()
-                raise HeadwiseError(f"headwise serve exited with {self.process.returncode}: {output}")
+                raise HeadwiseError(f"{command[0]} exited with {self.process.returncode}: {output[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
-                    if json.load(r).get("status") == "ok":
+                with urllib.request.urlopen(f"{self.url}{ready}", timeout=1) as r:
+                    if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.2)
         self.close()
-        raise HeadwiseError(f"headwise serve did not answer /health within {timeout:.0f} s")
+        raise HeadwiseError(f"the server did not answer {ready} within {timeout:.0f} s")
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(f"{self.url}/metrics") as r:
