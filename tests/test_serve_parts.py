@@ -165,6 +165,7 @@ def test_parse_bytes_refuses_what_is_not_a_size(text):
     (["--port", "70000"], "--port must be in"),
     (["--served-name", " "], "--served-name"),
     (["--max-queue", "0"], "queue"),
+    (["--select", "quest"], "exactly one of a budget"),
 ])
 def test_serve_refuses_bad_arguments_in_one_line(capsys, args, fragment):
     from headwise.cli import main
@@ -172,3 +173,11 @@ def test_serve_refuses_bad_arguments_in_one_line(capsys, args, fragment):
     assert main(["serve", "--model", "no-such-model", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("headwise: error:") and fragment in err and "\n" not in err
+
+
+def test_a_served_plan_carries_its_selection_rule():
+    from headwise.select import Quest
+    from headwise.serve.engine import Compression
+
+    plan = Compression("snapkv", 0.5, select="quest:budget=128").plan(prompt_length=1000)
+    assert plan.select == Quest(budget=128) and plan.ratio == 0.5

@@ -39,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from headwise.serve.engine import Compression
 
     options = tuple([*args.option, f"profile={args.profile}"] if args.profile else args.option)
-    compression = Compression(args.policy, args.ratio, args.budget, options)
+    compression = Compression(args.policy, args.ratio, args.budget, options, args.select)
     compression.plan()  # refuse bad compression arguments before the model loads
     if args.served_name is not None and not args.served_name.strip():
         raise HeadwiseError("--served-name must not be empty")
@@ -85,6 +85,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, help="head profile for --policy headwise (from `headwise profile`)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="policy or plan option, e.g. -o window=64")
+    p.add_argument("--select", default=None, metavar="RULE[:KEY=VALUE,...]",
+                   help="decode-time selection over each request's cache, e.g. quest:budget=256")
     p.add_argument("--served-name", default=None,
                    help="the model's name in requests and in /v1/models (default: the model's own name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

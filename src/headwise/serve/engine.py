@@ -45,16 +45,17 @@ class _Stop(Exception):
 
 @dataclass(frozen=True)
 class Compression:
-    """How contexts are compressed: the arguments of :func:`headwise.api.make_plan`."""
+    """How contexts are compressed (and read while decoding): the arguments of :func:`headwise.api.make_plan`."""
 
     policy: str = "full"
     ratio: float | None = None
     budget: int | None = None
     options: tuple[str, ...] = ()
+    select: str | None = None
 
     def plan(self, prompt_length: int | None = None):
         return make_plan(self.policy, ratio=self.ratio, budget=self.budget, prompt_length=prompt_length,
-                         options=list(self.options))
+                         options=list(self.options), select=self.select)
 
 
 @dataclass
@@ -178,7 +179,7 @@ class Engine:
         """A cache holding the whole prompt and the logits after it: the context from the context cache (or
         compressed now), then the rest fed uncompressed to a copy of it."""
         if not prompt.context:
-            cache = HeadwiseCache(self.lm.model.config, make_plan("full"))
+            cache = HeadwiseCache(self.lm.model.config, make_plan("full", select=self.compression.select))
             return cache, prefill(self.lm.model, torch.tensor([prompt.rest]), cache)
         context = self._context(prompt.context)
         cache = copy.deepcopy(context.cache)
