@@ -181,3 +181,12 @@ def test_a_served_plan_carries_its_selection_rule():
 
     plan = Compression("snapkv", 0.5, select="quest:budget=128").plan(prompt_length=1000)
     assert plan.select == Quest(budget=128) and plan.ratio == 0.5
+
+
+def test_serve_refuses_a_contexts_dir_that_is_a_file(capsys, tmp_path):
+    from headwise.cli import main
+
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(["serve", "--model", "no-such-model", "--contexts-dir", str(path)]) == 2
+    assert "is a file" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import sys
@@ -49,8 +50,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise HeadwiseError(f"--max-queue must be at least 1 request, got {args.max_queue}")
     cap = parse_bytes(args.cache_bytes)
     contexts_dir = Path(args.contexts_dir) if args.contexts_dir else None
-    if contexts_dir is not None and contexts_dir.exists() and not contexts_dir.is_dir():
-        raise HeadwiseError(f"--contexts-dir '{contexts_dir}' is a file, not a folder")
+    if contexts_dir is not None:
+        if contexts_dir.exists() and not contexts_dir.is_dir():
+            raise HeadwiseError(f"--contexts-dir '{contexts_dir}' is a file, not a folder")
+        try:
+            contexts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HeadwiseError(f"cannot create --contexts-dir '{contexts_dir}': {exc.strerror or exc}") from exc
+        if not os.access(contexts_dir, os.W_OK):
+            raise HeadwiseError(f"--contexts-dir '{contexts_dir}' is not writable")
     set_threads(args.threads)
     check_port(args.host, args.port)
 
