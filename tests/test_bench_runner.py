@@ -374,3 +374,35 @@ def test_smollm2_one_cell_end_to_end(smollm2, tmp_path):
     assert full["method"] == "full" and 0.4 < compressed["kv_bytes"] / full["kv_bytes"] < 0.6
     assert compressed["shared_prefill"] and all(row["output"] for row in full["samples"])
     assert all(row["top1"] == 1.0 for row in full["samples"])
+
+
+def test_a_selection_rule_is_a_resolved_option_and_its_reads_are_recorded(tmp_path, lm, samples):
+    plan = runner.make_plan("snapkv", ratio=0.5, options={"select": "quest:budget=96,window=16"})
+    resolved = runner.resolved_options(plan)
+    assert resolved["select"] == {"rule": "quest", "budget": 96, "fraction": 0.0, "page": 16, "sinks": 4,
+                                  "window": 16}
+    assert resolved != runner.resolved_options(runner.make_plan("snapkv", ratio=0.5))
+    planned = [c for c in cells(methods=("snapkv",), options={"snapkv": {"select": "quest:budget=96,window=16"}})
+               if c.task == "passkey"]
+    records = run(lm, planned, samples, tmp_path / "results.jsonl")
+    selected = [row for r in records if r["method"] == "snapkv" for row in r["samples"]]
+    plain = [row for r in records if r["method"] == "full" for row in r["samples"]]
+    assert selected and all(0 < row["read_fraction"] < 1 for row in selected)
+    assert all(row["read_fraction"] == 1.0 for row in plain)
+
+
+def test_fidelity_under_selection_reading_everything_is_the_plain_fidelity(lm):
+    import torch
+
+    from headwise.api import make_cache
+    from headwise.bench.protocol import follow
+    from headwise.generation import prefill
+
+    tail, reference = [5, 6, 7], [8, 9, 10, 11]
+    ids = torch.randint(2, 200, (1, 300))
+    caches = [make_cache(lm.model, "full", select=select) for select in (None, "quest:budget=100000")]
+    for cache in caches:
+        prefill(lm.model, ids, cache)
+        cache.seal()
+    plain, stepwise = (follow(lm, cache, tail, reference) for cache in caches)
+    assert stepwise[1] == plain[1] and abs(stepwise[0] - plain[0]) < 1e-4

@@ -82,10 +82,14 @@ def make_plan(
 
     With ``prompt_length``, the plan is also checked against the prompt (:func:`headwise.budgets.check_prompt`).
     ``select`` adds a decode-time selection rule (:mod:`headwise.select`), as a rule or in ``--select``'s form
-    (``"quest:budget=256"``); it combines with any policy, ``full`` included.
+    (``"quest:budget=256"``), or as the option ``select``; it combines with any policy, ``full`` included.
     A policy that does not compress (``full``) takes no ratio above 0, no budget and no options.
     """
     opts = parse_options(options)
+    if "select" in opts:  # also a plan option, so that -o select=quest:budget=256 reaches bench and serve
+        if select is not None:
+            raise HeadwiseError("give the selection rule once: as select= or as the option select")
+        select = opts.pop("select")
     plan_defaults = {f.name: f.default for f in dataclasses.fields(Plan) if f.name in PLAN_OPTIONS}
     plan_opts = {k: _convert(opts.pop(k), plan_defaults[k], k) for k in list(opts) if k in plan_defaults}
     if policy not in POLICIES:

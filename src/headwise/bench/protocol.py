@@ -82,13 +82,15 @@ def context_parts(lm: LoadedModel, questions: Sequence[Sample]) -> tuple[list[in
 
 @dataclass(frozen=True)
 class Answer:
-    """One greedy answer: token ids, stripped text, its score, and the time to feed the question and decode."""
+    """One greedy answer: token ids, stripped text, its score, the time to feed the question and decode, and the
+    fraction of the held cache its decoding steps read (1.0 but with decode-time selection)."""
 
     tokens: list[int]
     text: str
     score: float
     question_seconds: float
     decode_tokens_per_second: float
+    read_fraction: float = 1.0
 
 
 def answer(lm: LoadedModel, cache, tail: list[int], sample: Sample) -> Answer:
@@ -103,7 +105,8 @@ def answer(lm: LoadedModel, cache, tail: list[int], sample: Sample) -> Answer:
     seconds = time.perf_counter() - start
     text = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     rate = (len(tokens) - 1) / seconds if seconds > 0 else 0.0
-    return Answer(tokens, text, score(sample.scoring, text, sample.answers), question_seconds, rate)
+    read = cache.read_fraction() if hasattr(cache, "read_fraction") else 1.0
+    return Answer(tokens, text, score(sample.scoring, text, sample.answers), question_seconds, rate, read)
 
 
 def answer_nll(logits: torch.Tensor, reference: list[int]) -> tuple[float, float]:
@@ -117,8 +120,14 @@ def answer_nll(logits: torch.Tensor, reference: list[int]) -> tuple[float, float
 @torch.inference_mode()
 def follow(lm: LoadedModel, cache, tail: list[int], reference: list[int]) -> tuple[float, float]:
     """Mean NLL per token of ``reference`` teacher-forced after ``tail`` in a copy of ``cache``, and the
-    fraction of its tokens that are the top choice."""
+    fraction of its tokens that are the top choice. With decode-time selection the answer is fed a token at a
+    time, as decoding reads it."""
     cache = copy.deepcopy(cache)
+    if getattr(getattr(cache, "plan", None), "select", None) is not None:
+        # decode-time selection acts on single-token steps: teacher-force the answer one token at a time
+        logits = [forward(lm.model, cache, torch.tensor([tail]), logits_to_keep=1).logits[0, -1]]
+        logits += [forward(lm.model, cache, torch.tensor([[t]])).logits[0, -1] for t in reference[:-1]]
+        return answer_nll(torch.stack(logits), reference)
     ids = torch.tensor([tail + reference[:-1]])
     logits = forward(lm.model, cache, ids, logits_to_keep=len(reference)).logits[0]
     return answer_nll(logits, reference)

@@ -132,7 +132,8 @@ def resolved_options(plan: Plan) -> dict:
     policy = {f.name: getattr(plan.policy, f.name) for f in dataclasses.fields(plan.policy)}
     if policy.get("profile"):
         policy["profile_sha256"] = _file_digest(policy["profile"])
-    return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode}
+    select = {"rule": plan.select.name, **dataclasses.asdict(plan.select)} if plan.select else None
+    return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode, "select": select}
 
 
 @dataclass(frozen=True)
@@ -320,7 +321,7 @@ def answer_row(sample: Sample, got: Answer, prompt_tokens: int, fidelity: tuple[
         "id": sample.id, "context_id": sample.context_id, "depth": sample.depth, "needle_depth": sample.needle_depth,
         "score": got.score, "output": got.text, "answer_ids": got.tokens, "answers": sample.answers,
         "prompt_tokens": prompt_tokens, "question_seconds": got.question_seconds,
-        "decode_tokens_per_second": got.decode_tokens_per_second,
+        "decode_tokens_per_second": got.decode_tokens_per_second, "read_fraction": got.read_fraction,
         "nll": fidelity[0], "top1": fidelity[1], "nll_full": nll_full,
     }
 
