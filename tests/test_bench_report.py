@@ -215,7 +215,7 @@ def test_costs_and_sweep_wall_time(records):
     _, (panel,) = analyse(records)
     rows = {(row[0], row[1]): row for row in cost_rows(panel)}
     snapkv = rows["snapkv", "0.5"]
-    assert snapkv[2:] == ["0.50", "0.500", "0.100", "20.0", "1.00", 3 * CONTEXTS, 3 * CONTEXTS]
+    assert snapkv[2:] == ["0.50", "0.50", "0.500", "0.100", "20.0", "1.00", 3 * CONTEXTS, 3 * CONTEXTS]
     assert rows["snapkv (kvpress)", "0.5"][-1] == 0
     sweep = {row[0]: row for row in sweep_rows(records)}
     parts = 3 * 4 + 3 * CONTEXTS * 5  # calibration included
@@ -304,3 +304,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown task(s) trivia" in capsys.readouterr().err
     assert main(["bench", "--ratios", "0.5,x", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--report-only", "--out", str(tmp_path), "--include", str(tmp_path / "none")]) == 2
+
+
+def test_kv_read_per_step_follows_the_answers_read_fraction():
+    from headwise.report.bench_report import read_bytes
+
+    part = {"kv_bytes": 1000.0, "samples": [{"read_fraction": 0.25}, {"read_fraction": 0.75}]}
+    assert read_bytes(part) == 500.0
+    assert read_bytes({"kv_bytes": 1000.0, "samples": [{}]}) == 1000.0  # no selection: every step reads all
+    assert read_bytes({"samples": []}) is None

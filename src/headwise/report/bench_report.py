@@ -18,7 +18,8 @@ Every figure is computed from the answers (``samples`` of each part), not from p
   id), and is *behind* (or *ahead*) only where the paired 95% interval of the difference excludes zero, *tied*
   otherwise.
 - **Per task**: every task, those beyond the model (or not calibrated) included and flagged.
-- **Costs**: KV MiB and prefill/compression seconds (means over parts), decode tokens per second (over answers),
+- **Costs**: KV MiB held and read per decoding step (less than held only with decode-time selection) and
+  prefill/compression seconds (means over parts), decode tokens per second (over answers),
   seconds per answer (part wall seconds over answers); the sweep's wall time per library, model and length.
 """
 
@@ -335,6 +336,7 @@ COST_HEADERS = [
     "method",
     "ratio",
     "KV MiB",
+    "KV read/step MiB",
     "prefill s",
     "compress s",
     "decode tok/s",
@@ -342,6 +344,14 @@ COST_HEADERS = [
     "parts",
     "shared prefill",
 ]
+
+
+def read_bytes(part: dict) -> float | None:
+    """KV bytes one decoding step of a part reads: those held, times the fraction its answers' steps read (all
+    of them but with decode-time selection, and in records older than that field)."""
+    if part.get("kv_bytes") is None:
+        return None
+    return part["kv_bytes"] * _mean(x.get("read_fraction", 1.0) for x in part["samples"])
 
 
 def cost_rows(panel: Panel) -> list[list[object]]:
@@ -359,6 +369,7 @@ def cost_rows(panel: Panel) -> list[list[object]]:
                 label(s[0], s[1], s[3]),
                 f"{s[2]:g}",
                 f"{_mean(r.get('kv_bytes') for r in parts) / MIB:.2f}",
+                f"{_mean(read_bytes(r) for r in parts) / MIB:.2f}",
                 f"{_mean(r.get('prefill_seconds') for r in parts):.3f}",
                 f"{_mean(r.get('compress_seconds') for r in parts):.3f}",
                 f"{tps:.1f}",
