@@ -4,7 +4,7 @@ cached documents, and a bounded load test, for each compression setting, measure
 Usage::
 
     .venv/bin/python scripts/serve_bench.py [--model smollm2-135m] [--length 4096] [--documents 10]
-        [--requests 200] [--clients 4] [--policy snapkv] [--ratios 0,0.75] [--threads 1] [--llamacpp]
+        [--requests 200] [--clients 4] [--policy snapkv] [--profile F] [--ratios 0,0.75] [--threads 1] [--llamacpp]
         [--out results/serve/serve-4096.json]
 
 The documents are the benchmark's passkey contexts (:mod:`headwise.bench.tasks`, seed 0, needles at depths
@@ -91,7 +91,8 @@ def llamacpp(args: argparse.Namespace) -> Callable[[int], list[str]]:
 def measure(args: argparse.Namespace, ratio: float, documents: list[list[tasks.Sample]], *,
             program: Callable[[int], list[str]] | None = None) -> dict:
     """One server's figures; ``program`` runs another server instead of headwise's (no context-cache metrics)."""
-    compression = ["--policy", "full"] if ratio == 0 else ["--policy", args.policy, "--ratio", str(ratio)]
+    profile = ["--profile", args.profile] if args.profile else []
+    compression = ["--policy", "full"] if ratio == 0 else ["--policy", args.policy, "--ratio", str(ratio), *profile]
     served = ["--model", args.model, "--served-name", NAME, *compression, "--cache-bytes", "64GiB",
               "--max-queue", str(args.clients * 2)]
     with ServerProcess(served, threads=args.threads, program=program,
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests of the load test")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients of the load test")
     parser.add_argument("--policy", default="snapkv", help="policy of the compressed runs")
+    parser.add_argument("--profile", default=None, help="head profile of --policy headwise (from headwise profile)")
     parser.add_argument("--ratios", default="0,0.75", help="comma-separated ratios (0: the full cache)")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     parser.add_argument("--llamacpp", action="store_true",

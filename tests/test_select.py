@@ -13,8 +13,16 @@ from headwise.api import make_cache
 from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.generation import prefill
-from headwise.select import Quest, parse_selector
-from headwise.select.pages import page_bounds, selected_tokens, upper_bound_scores
+from headwise.select import Quest, RecycledAttention, TokenSelect, parse_selector
+from headwise.select.pages import (
+    extended,
+    least_similarity,
+    page_bounds,
+    page_sums,
+    selected_tokens,
+    soft_vote,
+    upper_bound_scores,
+)
 
 
 def test_page_bounds_and_quest_scores_match_loops():
@@ -88,24 +96,30 @@ def dense_over(model, cache, token, index_of):
     return forward(model, restricted, token).logits
 
 
+RULES = ["quest:budget=40,page=8,sinks=2,window=8", "tokenselect:budget=40,sinks=2,window=8",
+         "recycled:budget=40,sinks=2,window=8,stride=4"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3"])
 @pytest.mark.parametrize("policy", ["full", "snapkv"])
-def test_a_decoding_step_equals_dense_attention_over_the_selected_tokens(arch, policy):
+@pytest.mark.parametrize("rule", RULES)
+def test_a_decoding_step_equals_dense_attention_over_the_selected_tokens(arch, policy, rule):
     model = tiny_model(arch)
     torch.manual_seed(2)
     prompt = torch.randint(0, 128, (1, 120))
-    cache = make_cache(model, policy, ratio=0.25 if policy == "snapkv" else None,
-                       select="quest:budget=40,page=8,sinks=2,window=8")
+    cache = make_cache(model, policy, ratio=0.25 if policy == "snapkv" else None, select=rule)
     prefill(model, prompt, cache)
     token = torch.randint(0, 128, (1, 1))
+    with torch.no_grad():  # a first step (Recycled Attention's full one, after which it reads a subset)
+        forward(model, cache, token)
     chosen = {}
     selector = cache.plan.select
     original = selector.choose
 
-    def recording(query, keys, summary):
-        index, summary = original(query, keys, summary)
-        chosen[len(chosen)] = index
-        return index, summary
+    def recording(query, keys, state):
+        choice = original(query, keys, state)
+        chosen[len(chosen)] = choice.index
+        return choice
 
     selector.choose = recording  # an instance attribute of the test's own selector: records what it picks
     reference = copy.deepcopy(cache)
@@ -121,6 +135,70 @@ def test_a_decoding_step_equals_dense_attention_over_the_selected_tokens(arch, p
     assert 0 < cache.read_fraction() < 1
 
 
+def test_soft_votes_similarity_and_page_sums_match_loops():
+    torch.manual_seed(3)
+    query, keys = torch.randn(2, 3, 8), torch.randn(2, 21, 8)
+    votes = soft_vote(query, keys)
+    for b in range(2):
+        for t in range(21):
+            expected = 0.0
+            for g in range(3):
+                logits = [float(query[b, g] @ keys[b, j]) / 8 ** 0.5 for j in range(21)]
+                top = max(logits)
+                expected += torch.tensor(logits[t] - top).exp().item() / sum(
+                    torch.tensor(x - top).exp().item() for x in logits)
+            assert abs(float(votes[b, t]) - expected) < 1e-5
+    other = torch.randn(2, 3, 8)
+    cosines = [float(query[b, g] @ other[b, g] / query[b, g].norm() / other[b, g].norm())
+               for b in range(2) for g in range(3)]
+    assert abs(least_similarity(query, other) - min(cosines)) < 1e-5
+    assert abs(least_similarity(query, 2 * query) - 1.0) < 1e-5  # the scale of a query does not matter
+    sums = page_sums(votes, 4)
+    assert sums.shape == (2, 6)
+    for b in range(2):
+        for p in range(6):
+            assert abs(float(sums[b, p]) - float(votes[b, p * 4 : (p + 1) * 4].sum())) < 1e-5
+    grown = extended(votes, 25)
+    assert grown.shape == (2, 25) and torch.isinf(grown[:, 21:]).all() and torch.equal(grown[:, :21], votes)
+
+
+def test_tokenselect_reads_the_voted_tokens_and_reuses_them_for_a_similar_query():
+    torch.manual_seed(4)
+    rule = TokenSelect(budget=12, sinks=2, window=3)
+    query, keys = torch.randn(1, 2, 8), torch.randn(1, 40, 8)
+    first = rule.choose(query, keys, None)
+    votes = soft_vote(query, keys)[0]
+    forced = {0, 1, 37, 38, 39}
+    ranked = [t for t in votes.argsort(descending=True).tolist() if t not in forced]
+    assert first.index[0].tolist() == sorted(forced | set(ranked[:7]))
+    assert first.overhead == 20  # every key scored: half of the head's 40 tokens' bytes
+    # a query in the same direction reuses the selection: nothing scored, and the token stored since is read
+    again = rule.choose(3 * query, torch.cat([keys, torch.randn(1, 1, 8)], dim=1), first.state)
+    assert again.overhead == 0 and again.state is first.state and 40 in again.index[0].tolist()
+    fresh = rule.choose(-query, keys, first.state)
+    assert fresh.overhead == 20 and fresh.state is not first.state
+
+
+def test_recycled_attention_attends_fully_every_stride_steps():
+    torch.manual_seed(5)
+    rule = RecycledAttention(budget=10, sinks=1, window=2, stride=3)
+    keys, state, reads = torch.randn(1, 30, 8), None, []
+    full_query = torch.randn(1, 2, 8)
+    for step in range(7):
+        choice = rule.choose(full_query if step == 0 else torch.randn(1, 2, 8), keys, state)
+        state = choice.state
+        reads.append(None if choice.index is None else choice.index[0].tolist())
+        keys = torch.cat([keys, torch.randn(1, 1, 8)], dim=1)
+    assert [r is None for r in reads] == [True, False, False, True, False, False, True]
+    votes = soft_vote(full_query, keys[:, :30])[0]
+    # the step after the full one: its top tokens, the sinks, the window and the token stored since (30)
+    forced = {0, 29, 30}
+    ranked = [t for t in votes.argsort(descending=True).tolist() if t not in forced]
+    assert reads[1] == sorted(forced | set(ranked[:7]))
+    with pytest.raises(HeadwiseError, match="stride"):
+        RecycledAttention(budget=100, stride=0)
+
+
 def test_selection_reads_less_and_a_budget_above_the_cache_reads_all():
     model = tiny_model("llama")
     prompt = torch.randint(0, 128, (1, 200))
@@ -133,8 +211,8 @@ def test_selection_reads_less_and_a_budget_above_the_cache_reads_all():
         logits[budget] = out
         if budget == 1000:
             assert cache.read_fraction() == 1.0
-        else:  # whole pages within the budget: at most 48 of the 201 to 203 tokens held
-            assert 32 / 203 < cache.read_fraction() <= 48 / 201
+        else:  # whole pages within the budget: at most 48 of the 201 to 203 tokens held, and 13 pages' bounds
+            assert (32 + 13) / 203 < cache.read_fraction() <= (48 + 13) / 201
     plain = make_cache(model, "full")
     out = prefill(model, prompt, plain)
     for _ in range(3):
@@ -150,11 +228,11 @@ def test_page_summaries_follow_appends_and_eviction():
         out = forward(model, cache, out.argmax(-1, keepdim=True)).logits[:, -1]
     for layer in cache.compressed_layers:
         for head in layer.heads:
-            assert head.pages.covered == 120
+            assert head.selection.covered == 120
             mins, maxs = page_bounds(head.keys[:, :120], 8)
-            torch.testing.assert_close(head.pages.mins, mins)
-            torch.testing.assert_close(head.pages.maxs, maxs)
+            torch.testing.assert_close(head.selection.mins, mins)
+            torch.testing.assert_close(head.selection.maxs, maxs)
     evicting = make_cache(model, "h2o", budget=64, mode="decode", select="quest:budget=32,page=8,window=8")
     out = prefill(model, torch.randint(0, 128, (1, 100)), evicting)
     forward(model, evicting, out.argmax(-1, keepdim=True))
-    assert all(head.pages is None for layer in evicting.compressed_layers for head in layer.heads)
+    assert all(head.selection is None for layer in evicting.compressed_layers for head in layer.heads)

@@ -51,7 +51,7 @@ from headwise.budgets import (
 )
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
-from headwise.select.base import PageSummary, Selector
+from headwise.select.base import RuleState, Selector
 
 MODES = ("prefill", "decode")
 QUERY_BLOCK = 256  # queries per block when a policy needs the attention of many queries
@@ -191,7 +191,7 @@ class _Head:
     state: torch.Tensor
     summary: tuple[torch.Tensor, torch.Tensor] | None = None
     evicted: torch.Tensor | None = None
-    pages: PageSummary | None = None  # decode-time selection's page bounds (headwise.select), None until needed
+    selection: RuleState | None = None  # decode-time selection's state for this head (headwise.select)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys], dim=1)
@@ -207,7 +207,7 @@ class _Head:
         """
         if compensate:
             self._summarize(index, valid)
-        self.pages = None  # the pages no longer hold the same tokens
+        self.selection = None  # it described other tokens
         d = self.keys.shape[-1]
         wide = index.unsqueeze(-1).expand(-1, -1, d)
         self.keys = self.keys.gather(1, wide)
@@ -260,7 +260,7 @@ class _Head:
     def select_batch(self, index: torch.Tensor) -> None:
         self.keys, self.values = self.keys[index], self.values[index]
         self.positions, self.state = self.positions[index], self.state[index]
-        self.pages = None
+        self.selection = None
         if self.summary is not None:
             self.summary = (self.summary[0][index], self.summary[1][index])
             self.evicted = self.evicted[index]
@@ -287,7 +287,7 @@ class CompressedLayer(CacheLayerMixin):
         self.seen = 0
         self.sealed = False
         self.prompt_checked = False
-        self.read_tokens = 0  # decode-time reads, summed over steps and heads (with what the heads held)
+        self.read_tokens = 0.0  # decode-time reads, summed over steps and heads (with what the heads held)
         self.held_tokens = 0
 
     # transformers cache-layer API -------------------------------------------------------------------------
@@ -401,7 +401,7 @@ class CompressedLayer(CacheLayerMixin):
     def metadata_bytes(self) -> int:
         """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts."""
         return sum(h.positions.nbytes + h.state.nbytes + (h.evicted.nbytes if h.evicted is not None else 0)
-                   + (h.pages.nbytes() if h.pages is not None else 0) for h in self.heads)
+                   + (h.selection.nbytes() if h.selection is not None else 0) for h in self.heads)
 
     def kept(self) -> list[int]:
         """Tokens kept per KV head (not counting a compensation token)."""
@@ -456,12 +456,15 @@ class CompressedLayer(CacheLayerMixin):
         return torch.cat(outputs, dim=1).transpose(1, 2)
 
     def _select(self, head: _Head, q_h: torch.Tensor) -> torch.Tensor | None:
-        """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting."""
-        index, head.pages = self.plan.select.choose(q_h[:, :, 0], head.keys, head.pages)
+        """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting with
+        what choosing them read."""
+        with torch.no_grad():  # a choice, not a function to differentiate; its state outlives the step
+            choice = self.plan.select.choose(q_h[:, :, 0], head.keys, head.selection)
+        head.selection = choice.state
         n = head.keys.shape[1]
         self.held_tokens += n
-        self.read_tokens += n if index is None else index.shape[1]
-        return index
+        self.read_tokens += (n if choice.index is None else choice.index.shape[1]) + choice.overhead
+        return choice.index
 
     def _feed_policy(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> None:
         """After a forward's attention: give each head's policy the attention rows it needs, then compress
@@ -598,8 +601,9 @@ class HeadwiseCache(Cache):
         return sum(layer.metadata_bytes() for layer in self.compressed_layers)
 
     def read_fraction(self) -> float:
-        """Of the tokens the compressed layers held at decoding steps, the fraction those steps read (1.0 without
-        decode-time selection, or before any step)."""
+        """Of the tokens the compressed layers held at decoding steps, the fraction those steps read, choosing
+        included (1.0 without decode-time selection, or before any step; above 1 where choosing cost more than
+        it saved)."""
         held = sum(layer.held_tokens for layer in self.compressed_layers)
         return sum(layer.read_tokens for layer in self.compressed_layers) / held if held else 1.0
 

@@ -1,7 +1,7 @@
 """Decode-time selection rules, one per file, and the registry that names them.
 
 Add a rule: write ``select/<name>.py`` with a :class:`~headwise.select.base.Selector` dataclass subclass (options
-as fields and a ``page_scores``), then add the class to ``SELECTORS`` below.
+as fields and a ``choose``), then add the class to ``SELECTORS`` below.
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ import dataclasses
 from typing import Any
 
 from headwise.errors import HeadwiseError
-from headwise.select.base import PageSummary, Selector
+from headwise.select.base import Choice, RuleState, Selector
 from headwise.select.quest import Quest
+from headwise.select.recycled import RecycledAttention
+from headwise.select.tokenselect import TokenSelect
 
-SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (Quest,)}
+SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (Quest, TokenSelect, RecycledAttention)}
 
-__all__ = ["SELECTORS", "PageSummary", "Selector", "make_selector", "parse_selector"]
+__all__ = ["SELECTORS", "Choice", "Quest", "RecycledAttention", "RuleState", "Selector", "TokenSelect",
+           "make_selector", "parse_selector"]
 
 
 def make_selector(name: str, options: dict[str, Any] | None = None) -> Selector:

@@ -3,18 +3,21 @@
 Selection keeps the whole cache (or whatever eviction kept) and lets each decoding step of each KV head read only
 some of its tokens: the first ``sinks``, the last ``window``, and the pages of ``page`` consecutive stored tokens
 that the rule ranks highest, up to ``budget`` tokens (or ``fraction`` of the stored ones). It saves reading, not
-memory. A rule is a small dataclass of options and one function, :meth:`Selector.page_scores`, that ranks a
-head's pages for the current query group; the maths lives in :mod:`headwise.select.pages`.
+memory. A rule is a small dataclass of options and one function, :meth:`Selector.choose`, that picks a head's
+tokens for the current query group; the maths lives in :mod:`headwise.select.pages`.
 
 The cache calls :meth:`Selector.choose` for every KV head at every single-token forward and attends over the
-tokens it returns. Per-page summaries the rule needs (Quest's key bounds) are kept with the head in a
-:class:`PageSummary`, extended as pages fill and dropped when eviction changes the head's tokens.
+tokens it returns. What a rule carries from step to step for a head (Quest's page bounds, a reused selection) is
+its :class:`RuleState`, which the cache keeps with the head and hands back at the next step; the cache drops it
+(None) when eviction or a beam search changes the head's tokens. A :class:`Choice` also says how much the rule
+read to choose (page summaries, scored keys), so the fraction of the cache a step reads is honest.
 
 To add a rule, write one file in this folder with a dataclass subclass and register it in ``select/__init__.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -22,19 +25,30 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import HeadwiseError
-from headwise.select.pages import page_bounds, selected_tokens
+from headwise.select.pages import selected_tokens
 
 
 @dataclass
-class PageSummary:
-    """Per-page key bounds ([B, P, d] each) of a head's first ``covered`` stored tokens (whole pages only)."""
-
-    mins: torch.Tensor
-    maxs: torch.Tensor
-    covered: int
+class RuleState:
+    """What a rule keeps for one KV head between decoding steps; its tensors count as the cache's metadata."""
 
     def nbytes(self) -> int:
-        return self.mins.nbytes + self.maxs.nbytes
+        return sum(v.nbytes for v in (getattr(self, f.name) for f in dataclasses.fields(self))
+                   if isinstance(v, torch.Tensor))
+
+
+@dataclass
+class Choice:
+    """One decoding step of one KV head: the tokens it reads and what choosing them cost.
+
+    ``index`` holds sorted indices [B, k] into the head's stored tokens (None: all of them); ``state`` is the
+    rule's state for the next step; ``overhead`` is what the rule read to choose, in tokens' worth of keys and
+    values (Quest's page bounds, TokenSelect's scored keys).
+    """
+
+    index: torch.Tensor | None
+    state: RuleState | None
+    overhead: float = 0.0
 
 
 @dataclass
@@ -76,30 +90,11 @@ class Selector:
         """Tokens read from a head holding ``n``."""
         return self.budget if self.budget else max(1, math.ceil(self.fraction * n))
 
-    def summarize(self, keys: torch.Tensor, summary: PageSummary | None) -> PageSummary:
-        """``summary`` extended to every whole page of ``keys`` [B, n, d] (built from scratch when None)."""
-        whole = keys.shape[1] // self.page * self.page
-        if summary is not None and summary.covered == whole:
-            return summary
-        start = summary.covered if summary is not None else 0
-        mins, maxs = page_bounds(keys[:, start:whole], self.page)
-        if summary is not None:
-            mins, maxs = torch.cat([summary.mins, mins], dim=1), torch.cat([summary.maxs, maxs], dim=1)
-        return PageSummary(mins, maxs, whole)
+    def pick(self, n: int, page_scores: torch.Tensor) -> torch.Tensor:
+        """Indices [B, k] of the sinks, the window and the best pages by ``page_scores`` [B, P] in the budget."""
+        return selected_tokens(n, page_scores, self.page, self.tokens(n), self.sinks, self.window)
 
-    def page_scores(self, query: torch.Tensor, keys: torch.Tensor, summary: PageSummary) -> torch.Tensor:
-        """Scores [B, P] of the head's pages (the last, partial one included) for the query group [B, G, d]."""
+    def choose(self, query: torch.Tensor, keys: torch.Tensor, state: RuleState | None) -> Choice:
+        """What query group ``query`` [B, G, d] reads of a head's stored ``keys`` [B, n, d], given the rule's
+        ``state`` for that head from its previous step (None at first, and after its tokens changed)."""
         raise NotImplementedError
-
-    def choose(self, query: torch.Tensor, keys: torch.Tensor,
-               summary: PageSummary | None) -> tuple[torch.Tensor | None, PageSummary]:
-        """Indices [B, k] of the tokens of ``keys`` [B, n, d] that query group ``query`` [B, G, d] reads (None:
-        all of them), and the head's updated page summary."""
-        n = keys.shape[1]
-        summary = self.summarize(keys, summary)
-        budget = self.tokens(n)
-        if budget >= n:
-            return None, summary
-        index = selected_tokens(n, self.page_scores(query, keys, summary), self.page, budget, self.sinks,
-                                self.window)
-        return index, summary

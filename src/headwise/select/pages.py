@@ -65,3 +65,29 @@ def selected_tokens(n: int, page_scores: torch.Tensor, page: int, budget: int, s
     rank = page_scores.gather(1, (torch.arange(n, device=device) // page).expand(b, n)).float()
     rank = torch.where(chosen, torch.full_like(rank, float("inf")), rank)
     return rank.topk(k, dim=1).indices.sort(dim=1).values
+
+
+def soft_vote(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Token criticality by a soft vote of the query heads: each head's attention distribution over the keys
+    (softmax of ``q k / sqrt(d)``), summed over the group ([B, G, d] queries, [B, n, d] keys -> [B, n])."""
+    logits = torch.einsum("bgd,bnd->bgn", query.float(), keys.float()) * query.shape[-1] ** -0.5
+    return logits.softmax(dim=-1).sum(dim=1)
+
+
+def least_similarity(query: torch.Tensor, other: torch.Tensor) -> float:
+    """The smallest cosine similarity between the matching query heads of two groups [B, G, d], over rows too."""
+    return float(torch.nn.functional.cosine_similarity(query.float(), other.float(), dim=-1).min())
+
+
+def extended(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """Token scores [B, m] of a head's first m tokens, ranked below none of the ``n - m`` stored since: [B, n]."""
+    return torch.cat([scores, scores.new_full((scores.shape[0], n - scores.shape[1]), float("inf"))], dim=1)
+
+
+def page_sums(token_scores: torch.Tensor, page: int) -> torch.Tensor:
+    """Token scores [B, n] summed over pages of ``page`` tokens (the last may be partial): [B, P]."""
+    b, n = token_scores.shape
+    if page == 1:
+        return token_scores
+    pad = page_count(n, page) * page - n
+    return torch.cat([token_scores, token_scores.new_zeros(b, pad)], dim=1).view(b, -1, page).sum(dim=2)
