@@ -236,3 +236,32 @@ def test_page_summaries_follow_appends_and_eviction():
     out = prefill(model, torch.randint(0, 128, (1, 100)), evicting)
     forward(model, evicting, out.argmax(-1, keepdim=True))
     assert all(head.selection is None for layer in evicting.compressed_layers for head in layer.heads)
+
+
+def test_head_aware_selection_reads_by_role(tmp_path):
+    from headwise.select.headaware import SinksAndWindow
+    from test_headwise_policy import synthetic_profile
+
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
+    cache = make_cache(model, "full",
+                       select=f"headwise:profile={path},budget=24,page=4,sinks=2,window=6,dense_layers=1")
+    assert cache.plan.select.kinds() == {(0, 0): "dense", (0, 1): "dense", (1, 0): "quest", (1, 1): "streaming",
+                                         (2, 0): "streaming", (2, 1): "quest"}
+    out = prefill(model, torch.randint(0, 128, (1, 100)), cache)
+    forward(model, cache, out.argmax(-1, keepdim=True))
+    heads = [layer.heads for layer in cache.compressed_layers]
+    assert heads[0][0].reads is None and heads[0][1].reads is None  # the first layer reads everything
+    assert isinstance(heads[1][1].reads, SinksAndWindow) and isinstance(heads[2][0].reads, SinksAndWindow)
+    assert isinstance(heads[1][0].reads, Quest) and heads[1][0].selection is not None
+    streaming = heads[1][1].reads.choose(torch.randn(1, 2, 16), heads[1][1].keys, None)
+    assert streaming.index[0].tolist() == [0, 1, *range(95, 101)] and streaming.overhead == 0
+    # two dense heads read all 101 tokens, two streaming heads 8, two Quest heads at most 24 and 26 pages' bounds
+    fixed, held = 2 * 101 + 2 * 8 + 2 * 26, 6 * 101
+    assert (fixed + 2 * 20) / held <= cache.read_fraction() <= (fixed + 2 * 24) / held
+    with pytest.raises(HeadwiseError, match="needs a profile"):
+        parse_selector("headwise:budget=100")
+    other = tiny_model("qwen3")
+    with pytest.raises(HeadwiseError, match="profile"):
+        make_cache(other, "full", select=f"headwise:profile={path},budget=24,page=4,sinks=2,window=6")

@@ -191,7 +191,8 @@ class _Head:
     state: torch.Tensor
     summary: tuple[torch.Tensor, torch.Tensor] | None = None
     evicted: torch.Tensor | None = None
-    selection: RuleState | None = None  # decode-time selection's state for this head (headwise.select)
+    reads: Selector | None = None  # the decode-time selection rule this head follows (None: it reads all)
+    selection: RuleState | None = None  # that rule's state for this head
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         self.keys = torch.cat([self.keys, keys], dim=1)
@@ -297,8 +298,10 @@ class CompressedLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         empty = key_states.new_zeros(b, 0, d)
         positions = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
+        rule = self.plan.select
         self.heads = [
-            _Head(self.plan.policy.for_head(self.layer_idx, i), empty, empty, positions, key_states.new_zeros(b, 0))
+            _Head(self.plan.policy.for_head(self.layer_idx, i), empty, empty, positions, key_states.new_zeros(b, 0),
+                  reads=rule.for_head(self.layer_idx, i) if rule is not None else None)
             for i in range(h)
         ]
         self.is_initialized = True
@@ -458,10 +461,14 @@ class CompressedLayer(CacheLayerMixin):
     def _select(self, head: _Head, q_h: torch.Tensor) -> torch.Tensor | None:
         """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting with
         what choosing them read."""
-        with torch.no_grad():  # a choice, not a function to differentiate; its state outlives the step
-            choice = self.plan.select.choose(q_h[:, :, 0], head.keys, head.selection)
-        head.selection = choice.state
         n = head.keys.shape[1]
+        if head.reads is None:  # a head the plan keeps dense
+            self.held_tokens += n
+            self.read_tokens += n
+            return None
+        with torch.no_grad():  # a choice, not a function to differentiate; its state outlives the step
+            choice = head.reads.choose(q_h[:, :, 0], head.keys, head.selection)
+        head.selection = choice.state
         self.held_tokens += n
         self.read_tokens += (n if choice.index is None else choice.index.shape[1]) + choice.overhead
         return choice.index
@@ -571,6 +578,8 @@ class HeadwiseCache(Cache):
         ]
         super().__init__(layers=layers)
         plan.policy.bind(config)
+        if plan.select is not None:
+            plan.select.bind(config)
         self.plan = plan
 
     @property

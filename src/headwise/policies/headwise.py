@@ -38,8 +38,29 @@ from typing import ClassVar
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
 from headwise.policies.streaming_llm import StreamingLLM
+from headwise.profile.schema import HeadProfile
 
 STREAMING_ROLES = ("local", "sink")
+
+
+def head_kinds(profile: HeadProfile, retrieval_threshold: float) -> tuple[dict[tuple[int, int], str],
+                                                                         dict[tuple[int, int], float]]:
+    """Each (layer, KV head) of the full-attention layers as ``"retrieval"`` (profile role retrieval, or a
+    retrieval score reaching ``retrieval_threshold``), ``"streaming"`` (roles local and sink) or ``"other"``, and
+    its retrieval score (0 where not measured)."""
+    retrieval = profile.kv_metrics.get("retrieval")
+    kinds: dict[tuple[int, int], str] = {}
+    strength: dict[tuple[int, int], float] = {}
+    for layer, (roles, kind) in enumerate(zip(profile.kv_roles, profile.layer_types, strict=True)):
+        if kind != "full_attention":
+            continue
+        for head, role in enumerate(roles):
+            score = retrieval[layer][head] if retrieval else float("nan")
+            score = 0.0 if score != score else score  # NaN: not measured
+            is_retrieval = role == "retrieval" or score >= retrieval_threshold
+            kinds[layer, head] = "retrieval" if is_retrieval else "streaming" if role in STREAMING_ROLES else "other"
+            strength[layer, head] = score
+    return kinds, strength
 
 
 def role_budgets(
@@ -191,7 +212,6 @@ class HeadAware(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         from headwise.policies import make_policy
-        from headwise.profile.schema import HeadProfile
 
         if not self.profile:
             raise HeadwiseError("policy 'headwise' needs a profile: --profile FILE (from `headwise profile`)")
@@ -202,20 +222,7 @@ class HeadAware(Policy):
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
-        retrieval = self._profile.kv_metrics.get("retrieval")
-        self._kinds: dict[tuple[int, int], str] = {}
-        self._strength: dict[tuple[int, int], float] = {}
-        for layer, (roles, kind) in enumerate(zip(self._profile.kv_roles, self._profile.layer_types, strict=True)):
-            if kind != "full_attention":
-                continue
-            for head, role in enumerate(roles):
-                score = retrieval[layer][head] if retrieval else float("nan")
-                score = 0.0 if score != score else score  # NaN: not measured
-                is_retrieval = role == "retrieval" or score >= self.retrieval_threshold
-                self._kinds[layer, head] = (
-                    "retrieval" if is_retrieval else "streaming" if role in STREAMING_ROLES else "other"
-                )
-                self._strength[layer, head] = score
+        self._kinds, self._strength = head_kinds(self._profile, self.retrieval_threshold)
         self._curves = self._coverage_curves() if self.budgets == "coverage" else None
         self._memo: tuple[tuple[int, int], dict[tuple[int, int], int]] | None = None
 

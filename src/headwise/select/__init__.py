@@ -11,14 +11,16 @@ from typing import Any
 
 from headwise.errors import HeadwiseError
 from headwise.select.base import Choice, RuleState, Selector
+from headwise.select.headaware import HeadAwareSelect
 from headwise.select.quest import Quest
 from headwise.select.recycled import RecycledAttention
 from headwise.select.tokenselect import TokenSelect
 
-SELECTORS: dict[str, type[Selector]] = {cls.name: cls for cls in (Quest, TokenSelect, RecycledAttention)}
+SELECTORS: dict[str, type[Selector]] = {
+    cls.name: cls for cls in (Quest, TokenSelect, RecycledAttention, HeadAwareSelect)}
 
-__all__ = ["SELECTORS", "Choice", "Quest", "RecycledAttention", "RuleState", "Selector", "TokenSelect",
-           "make_selector", "parse_selector"]
+__all__ = ["SELECTORS", "Choice", "HeadAwareSelect", "Quest", "RecycledAttention", "RuleState", "Selector",
+           "TokenSelect", "make_selector", "parse_selector"]
 
 
 def make_selector(name: str, options: dict[str, Any] | None = None) -> Selector:

@@ -6,11 +6,13 @@ that the rule ranks highest, up to ``budget`` tokens (or ``fraction`` of the sto
 memory. A rule is a small dataclass of options and one function, :meth:`Selector.choose`, that picks a head's
 tokens for the current query group; the maths lives in :mod:`headwise.select.pages`.
 
-The cache calls :meth:`Selector.choose` for every KV head at every single-token forward and attends over the
-tokens it returns. What a rule carries from step to step for a head (Quest's page bounds, a reused selection) is
-its :class:`RuleState`, which the cache keeps with the head and hands back at the next step; the cache drops it
-(None) when eviction or a beam search changes the head's tokens. A :class:`Choice` also says how much the rule
-read to choose (page summaries, scored keys), so the fraction of the cache a step reads is honest.
+The cache asks the plan's rule which rule each KV head follows (:meth:`Selector.for_head`: itself, unless a
+rule plans per head, as the head-aware one does), calls that rule's :meth:`Selector.choose` for the head at
+every single-token forward and attends over the tokens it returns. What a rule carries from step to step for a
+head (Quest's page bounds, a reused selection) is its :class:`RuleState`, which the cache keeps with the head
+and hands back at the next step; the cache drops it (None) when eviction or a beam search changes the head's
+tokens. A :class:`Choice` also says how much the rule read to choose (page summaries, scored keys), so the
+fraction of the cache a step reads is honest.
 
 To add a rule, write one file in this folder with a dataclass subclass and register it in ``select/__init__.py``.
 """
@@ -89,6 +91,13 @@ class Selector:
     def tokens(self, n: int) -> int:
         """Tokens read from a head holding ``n``."""
         return self.budget if self.budget else max(1, math.ceil(self.fraction * n))
+
+    def bind(self, config) -> None:
+        """Check the rule against the model's config before the cache uses it (nothing to check by default)."""
+
+    def for_head(self, layer_idx: int, head: int) -> Selector | None:
+        """The rule one KV head reads by (None: it reads every token); the same rule for all heads by default."""
+        return self
 
     def pick(self, n: int, page_scores: torch.Tensor) -> torch.Tensor:
         """Indices [B, k] of the sinks, the window and the best pages by ``page_scores`` [B, P] in the budget."""
