@@ -406,3 +406,23 @@ def test_fidelity_under_selection_reading_everything_is_the_plain_fidelity(lm):
         cache.seal()
     plain, stepwise = (follow(lm, cache, tail, reference) for cache in caches)
     assert stepwise[1] == plain[1] and abs(stepwise[0] - plain[0]) < 1e-4
+
+
+def test_a_selection_rule_runs_as_a_method_reading_what_eviction_at_its_ratio_keeps(tmp_path, lm, samples):
+    from headwise.policies import POLICIES
+    from headwise.select import SELECTORS
+
+    assert not set(POLICIES) & set(SELECTORS)  # one namespace of methods
+    planned = [c for c in cells(methods=("quest", "snapkv"), ratios=(0.75,), options={"quest": {"window": 16}})
+               if c.task == "passkey"]
+    quest = next(c for c in planned if c.method == "quest")
+    assert quest.resolved["select"]["fraction"] == 0.25 and quest.resolved["select"]["window"] == 16
+    assert quest.resolved["select"]["budget"] == 0 and runner.plan_arguments("quest", 0.75, {})["policy"] == "full"
+    records = run(lm, planned, samples, tmp_path / "results.jsonl")
+    by = {(r["context_id"], r["method"]): r for r in records if not r["calibration"]}
+    for (context_id, method), record in by.items():
+        if method == "quest":  # the whole cache held, about a quarter of it read per step
+            assert record["kv_bytes"] == by[context_id, "full"]["kv_bytes"] > by[context_id, "snapkv"]["kv_bytes"]
+            assert all(0.2 < row["read_fraction"] < 0.5 for row in record["samples"])
+    with pytest.raises(HeadwiseError, match="exactly one"):
+        cells(methods=("quest",), options={"quest": {"budget": 64}})

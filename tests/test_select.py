@@ -246,7 +246,7 @@ def test_head_aware_selection_reads_by_role(tmp_path):
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
     path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
     cache = make_cache(model, "full",
-                       select=f"headwise:profile={path},budget=24,page=4,sinks=2,window=6,dense_layers=1")
+                       select=f"roles:profile={path},budget=24,page=4,sinks=2,window=6,dense_layers=1")
     assert cache.plan.select.kinds() == {(0, 0): "dense", (0, 1): "dense", (1, 0): "quest", (1, 1): "streaming",
                                          (2, 0): "streaming", (2, 1): "quest"}
     out = prefill(model, torch.randint(0, 128, (1, 100)), cache)
@@ -261,7 +261,7 @@ def test_head_aware_selection_reads_by_role(tmp_path):
     fixed, held = 2 * 101 + 2 * 8 + 2 * 26, 6 * 101
     assert (fixed + 2 * 20) / held <= cache.read_fraction() <= (fixed + 2 * 24) / held
     with pytest.raises(HeadwiseError, match="needs a profile"):
-        parse_selector("headwise:budget=100")
+        parse_selector("roles:budget=100")
     other = tiny_model("qwen3")
     with pytest.raises(HeadwiseError, match="profile"):
-        make_cache(other, "full", select=f"headwise:profile={path},budget=24,page=4,sinks=2,window=6")
+        make_cache(other, "full", select=f"roles:profile={path},budget=24,page=4,sinks=2,window=6")

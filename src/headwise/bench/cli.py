@@ -156,7 +156,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark compression methods on long-context tasks (score, memory, time)")
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
-    p.add_argument("--methods", default=PRESET["methods"], help="comma-separated policies (full is always run)")
+    p.add_argument("--methods", default=PRESET["methods"],
+                   help="comma-separated policies, or selection rules (quest, tokenselect, recycled, roles: the whole "
+                        "cache, each decoding step reading 1 - ratio of it); full is always run")
     p.add_argument("--ratios", default=PRESET["ratios"], help="comma-separated fractions of the context KV removed")
     p.add_argument("--tasks", default=PRESET["tasks"],
                    help=f"comma-separated tasks: {', '.join(TASKS)}")

@@ -67,6 +67,7 @@ from headwise.errors import HeadwiseError
 from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
 from headwise.models import LoadedModel
+from headwise.select import SELECTORS, make_selector
 
 PROTOCOLS = ("agnostic", "aware")
 LIBRARY = "headwise"
@@ -133,6 +134,8 @@ def resolved_options(plan: Plan) -> dict:
     if policy.get("profile"):
         policy["profile_sha256"] = _file_digest(policy["profile"])
     select = {"rule": plan.select.name, **dataclasses.asdict(plan.select)} if plan.select else None
+    if select and select.get("profile"):
+        select["profile_sha256"] = _file_digest(select["profile"])
     return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode, "select": select}
 
 
@@ -169,6 +172,15 @@ class Cell:
     def shares_prefill(self) -> bool:
         """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`)."""
         return self.protocol == "agnostic" and self.chunk_size is None
+
+
+def plan_arguments(method: str, ratio: float, options: dict) -> dict:
+    """What :func:`headwise.api.make_plan` builds a method's plan from: a policy removing ``ratio`` of the cache,
+    or a selection rule (:data:`headwise.select.SELECTORS`) over the whole cache whose decoding steps read
+    ``1 - ratio`` of it (as many tokens as eviction at that ratio keeps)."""
+    if method in SELECTORS:
+        return {"policy": FULL, "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
+    return {"policy": method, "ratio": ratio if method != FULL else None, "options": options}
 
 
 def plan_cells(
@@ -216,7 +228,7 @@ def plan_cells(
 
     def cell(method: str, ratio: float, task: str, length: int, protocol: str, **kw) -> Cell:
         given = options.get(method, {}) if method != FULL else {}
-        plan = make_plan(method, ratio=ratio if method != FULL else None, options=given)
+        plan = make_plan(**plan_arguments(method, ratio, given))
         return Cell(method=method, ratio=ratio, task=task, length=length, protocol=protocol, options=given,
                     resolved=resolved_options(plan), **common, **kw)
 
@@ -251,8 +263,7 @@ def contexts(samples: Sequence[Sample]) -> list[list[Sample]]:
 
 def new_cache(lm: LoadedModel, cell: Cell, prompt_length: int | None) -> Cache:
     """The headwise cache for a cell (``full`` is headwise's uncompressed path, so every method shares it)."""
-    ratio = cell.ratio if cell.method != FULL else None
-    return make_cache(lm.model, cell.method, ratio=ratio, prompt_length=prompt_length, options=cell.options)
+    return make_cache(lm.model, prompt_length=prompt_length, **plan_arguments(cell.method, cell.ratio, cell.options))
 
 
 def check_fit(lm: LoadedModel, cells: Iterable[Cell]) -> None:
@@ -302,7 +313,7 @@ class Context:
         """The sealed cache of ``ids`` for a cell, its prefill seconds and its compression seconds (shared path)."""
         start = time.perf_counter()
         if self.shares(cell) and ids == self.head:
-            plan = make_plan(cell.method, ratio=cell.ratio if cell.method != FULL else None, options=cell.options)
+            plan = make_plan(**plan_arguments(cell.method, cell.ratio, cell.options))
             shared = self.dense()
             start = time.perf_counter()
             cache = dense.compress(self.lm.model, shared, plan)

@@ -42,7 +42,7 @@ class HeadAwareSelect(Selector):
     ``profile`` is a ``profile.json`` from ``headwise profile`` for this model; KV heads whose retrieval score
     reaches ``retrieval_threshold`` count as retrieval heads whatever their role."""
 
-    name = "headwise"
+    name = "roles"
 
     profile: str = ""
     rule: str = "quest"
@@ -54,11 +54,11 @@ class HeadAwareSelect(Selector):
         from headwise.select import make_selector
 
         if not self.profile:
-            raise HeadwiseError("selection 'headwise' needs a profile: profile=FILE (from `headwise profile`)")
+            raise HeadwiseError("selection 'roles' needs a profile: profile=FILE (from `headwise profile`)")
         if self.rule == self.name:
-            raise HeadwiseError("selection 'headwise': rule must be another selection rule")
+            raise HeadwiseError("selection 'roles': rule must be another selection rule")
         if self.dense_layers < 0:
-            raise HeadwiseError("selection 'headwise': dense_layers must be >= 0")
+            raise HeadwiseError("selection 'roles': dense_layers must be >= 0")
         self._profile = HeadProfile.load(self.profile)
         self._kinds, _ = head_kinds(self._profile, self.retrieval_threshold)
         shared = {"budget": self.budget, "fraction": self.fraction, "page": self.page, "sinks": self.sinks,
@@ -80,4 +80,4 @@ class HeadAwareSelect(Selector):
         return self._streaming if self._kinds[layer_idx, head] == "streaming" else self._rule.for_head(layer_idx, head)
 
     def choose(self, query: torch.Tensor, keys: torch.Tensor, state: RuleState | None) -> Choice:
-        raise HeadwiseError("selection 'headwise' reads through its per-head rules (for_head)")
+        raise HeadwiseError("selection 'roles' reads through its per-head rules (for_head)")
