@@ -265,3 +265,23 @@ def test_head_aware_selection_reads_by_role(tmp_path):
     other = tiny_model("qwen3")
     with pytest.raises(HeadwiseError, match="profile"):
         make_cache(other, "full", select=f"roles:profile={path},budget=24,page=4,sinks=2,window=6")
+
+
+def test_a_sealed_cache_can_be_read_by_another_rule():
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 128, (1, 150))
+    cache = make_cache(model, "full")
+    out = prefill(model, prompt, cache)
+    cache.seal()
+    token = out.argmax(-1, keepdim=True)[:, -1:]
+    plain = forward(model, copy.deepcopy(cache), token).logits
+    selected = copy.deepcopy(cache)
+    selected.read_by(parse_selector("quest:budget=24,page=8,sinks=2,window=6"))  # 24 tokens, 19 pages
+    assert cache.plan.select is None  # the original's plan is untouched
+    logits = forward(model, selected, token).logits
+    assert 0 < selected.read_fraction() < 0.3 and not torch.allclose(logits, plain)
+    undone = copy.deepcopy(cache)
+    undone.read_by(parse_selector("quest:budget=24,page=8,sinks=2,window=6"))
+    undone.read_by(None)  # reading every token again is the plain cache
+    torch.testing.assert_close(forward(model, undone, token).logits, plain)
+    assert undone.read_fraction() == 1.0

@@ -32,6 +32,7 @@ global-attention layers.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -577,6 +578,7 @@ class HeadwiseCache(Cache):
             for i in range(len(layer_types))
         ]
         super().__init__(layers=layers)
+        self.model_config = config
         plan.policy.bind(config)
         if plan.select is not None:
             plan.select.bind(config)
@@ -601,6 +603,20 @@ class HeadwiseCache(Cache):
         """Stop compressing after multi-token forwards (the context is done; questions come next)."""
         for layer in self.compressed_layers:
             layer.sealed = True
+
+    def read_by(self, select: Selector | None) -> None:
+        """From the next decoding step on, read by ``select`` (None: every token), whatever the plan said, and
+        count reads afresh: a sealed context measured under several rules, say. The plan is replaced, not
+        changed, so caches that share it are not affected."""
+        self.plan = dataclasses.replace(self.plan, select=select)
+        for layer in self.compressed_layers:
+            layer.plan = self.plan
+            layer.read_tokens, layer.held_tokens = 0.0, 0
+            for h, head in enumerate(layer.heads):
+                head.reads = select.for_head(layer.layer_idx, h) if select is not None else None
+                head.selection = None
+        if select is not None:
+            select.bind(self.model_config)
 
     def kept(self) -> list[list[int]]:
         """Tokens kept per compressed layer and KV head."""
