@@ -6,6 +6,8 @@
 #   scripts/sweep.sh headwise [LENGTH]   # headwise's policies (writes results/smollm2-135m-LENGTH/)
 #   scripts/sweep.sh kvpress [LENGTH]    # kvpress's presses on the same task files (results/kvpress-LENGTH.jsonl)
 #   scripts/sweep.sh pack [LENGTH]       # compress both stores for committing (results/**/*.jsonl.gz)
+#   scripts/sweep.sh snapshot [LENGTH]   # kvpress's finished tasks only, for the published tables
+#                                        # (results/kvpress-LENGTH-complete.jsonl.gz)
 #   scripts/sweep.sh gate LENGTH [MODEL] # only the full-cache calibration gate (results/gates/MODEL-LENGTH/)
 #
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
@@ -13,7 +15,7 @@
 # so four give 48. The gate's calibration seed gets 24 answers per task at both lengths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack|gate [LENGTH] [MODEL]}
+what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack|snapshot|gate [LENGTH] [MODEL]}
 length=${2:-2048}
 model=${3:-smollm2-135m}
 out=results/$model-$length
@@ -51,5 +53,13 @@ case $what in
     pack)
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import pack
 for p in ('$out/results.jsonl', '$store'): pack(Path(p))" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack or gate" >&2; exit 2 ;;
+    snapshot)  # the live store (or its packed copy) keeps resuming; the tables read only finished tasks
+        .venv/bin/python -c "import gzip, json; from pathlib import Path; from headwise.bench import store
+from headwise.report.html import write_atomic
+kept, notes = store.complete_tasks(store.read_records(Path('$store')))
+print(*notes, sep='\n')
+lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
+write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
+print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot or gate" >&2; exit 2 ;;
 esac

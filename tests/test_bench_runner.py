@@ -426,3 +426,21 @@ def test_a_selection_rule_runs_as_a_method_reading_what_eviction_at_its_ratio_ke
             assert all(0.2 < row["read_fraction"] < 0.5 for row in record["samples"])
     with pytest.raises(HeadwiseError, match="exactly one"):
         cells(methods=("quest",), options={"quest": {"budget": 64}})
+
+
+def test_a_snapshot_keeps_only_the_tasks_a_sweep_finished():
+    def part(task, method, ratio, context, n=2):
+        return {"library": "kvpress", "model": "m", "length": 2048, "task": task, "method": method, "ratio": ratio,
+                "protocol": "agnostic", "n_samples": n, "context_id": f"{task}-{context}", "key": f"{task}{method}"
+                f"{ratio}{context}", "score": 1.0}
+
+    records = [part(t, m, r, c) for t in ("passkey", "qa") for m, r in (("full", 0.0), ("snapkv", 0.5))
+               for c in (0, 1)]
+    kept, notes = store.complete_tasks(records)
+    assert kept == records and notes == []
+    records += [part("vartrack", "full", 0.0, 0), part("vartrack", "snapkv", 0.5, 0)]  # one context of two
+    records += [part("frequent", "full", 0.0, c) for c in (0, 1)]  # every context, but no snapkv yet
+    kept, notes = store.complete_tasks(records)
+    assert {r["task"] for r in kept} == {"passkey", "qa"}
+    assert notes == ["kvpress/m/2048/vartrack: 2 cells short of their contexts, 0 settings not started",
+                     "kvpress/m/2048/frequent: 0 cells short of their contexts, 1 settings not started"]

@@ -180,3 +180,36 @@ def repair(path: Path) -> int:
     warnings.warn(f"{path}: moved {len(torn)} malformed line(s), left by an interrupted write, to {side}",
                   stacklevel=2)
     return len(torn)
+
+
+def complete_tasks(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """The records of the tasks a sweep has finished, and a line for each task left out.
+
+    A task (library, model, length, task) is finished when every cell of it (method, options, ratio, protocol,
+    calibration) holds all its ``n_samples`` contexts and it has every (method, ratio) the store has for any
+    task, so a snapshot for a published table leaves out a task whose sweep is still under way.
+    """
+    def task_of(r: dict) -> tuple:
+        return (r["library"], r["model"], r["length"], r["task"])
+
+    def cell_of(r: dict) -> tuple:
+        return (r["method"], json.dumps(r.get("options") or {}, sort_keys=True), r["ratio"], r["protocol"],
+                bool(r.get("calibration")))
+
+    contexts: dict[tuple, dict[tuple, set[str]]] = {}
+    wanted: dict[tuple, int] = {}
+    for r in records:
+        contexts.setdefault(task_of(r), {}).setdefault(cell_of(r), set()).add(r.get("context_id", r["key"]))
+        wanted[task_of(r) + cell_of(r)] = int(r.get("n_samples", 1))
+    settings = {(cell[0], cell[1], cell[2], cell[3]) for cells in contexts.values() for cell in cells
+                if not cell[4]}
+    done, notes = set(), []
+    for task, cells in contexts.items():
+        short = [cell for cell, ids in cells.items() if len(ids) < wanted[task + cell]]
+        missing = settings - {cell[:4] for cell in cells if not cell[4]}
+        if short or missing:
+            notes.append(f"{'/'.join(map(str, task))}: {len(short)} cells short of their contexts, "
+                         f"{len(missing)} settings not started")
+        else:
+            done.add(task)
+    return [r for r in records if task_of(r) in done], notes
