@@ -76,3 +76,25 @@ def test_ashape_selects_the_sinks_and_a_local_band_of_causal_blocks():
     assert torch.equal(AShape(block=8, min_length=41).layout(query, key, 0), causal_layout(1, 2, 40, 40, 8))
     with pytest.raises(HeadwiseError, match="local_blocks"):
         AShape(local_blocks=0)
+
+
+@pytest.mark.parametrize("chunk", [None, 48])
+def test_sparse_prefill_through_the_cache_equals_dense_over_the_same_blocks(chunk):
+    from conftest import tiny_model
+    from headwise.api import make_cache
+    from headwise.generation import prefill
+
+    model = tiny_model("llama")
+    prompt = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(1))
+    everything = AShape(block=8, min_length=0, sink_blocks=1, local_blocks=100)  # every causal block
+    logits = {}
+    for name, pattern in (("dense", None), ("all blocks", everything),
+                          ("ashape", AShape(block=8, min_length=0, local_blocks=2))):
+        cache = make_cache(model, "full", sparse=pattern)
+        logits[name] = prefill(model, prompt, cache, chunk_size=chunk)
+        if name == "ashape":
+            assert 0.1 < cache.computed_fraction() < 0.4
+        elif name == "all blocks":
+            assert cache.computed_fraction() == 1.0
+    torch.testing.assert_close(logits["all blocks"], logits["dense"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits["ashape"], logits["dense"])

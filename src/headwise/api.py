@@ -26,6 +26,7 @@ from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
 from headwise.policies import POLICIES, make_policy
 from headwise.select import Selector, parse_selector
+from headwise.sparse import Pattern, parse_pattern
 
 PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce", "compensate")
 
@@ -77,12 +78,15 @@ def make_plan(
     prompt_length: int | None = None,
     options: list[str] | dict[str, Any] | None = None,
     select: str | Selector | None = None,
+    sparse: str | Pattern | None = None,
 ) -> Plan:
     """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed).
 
     With ``prompt_length``, the plan is also checked against the prompt (:func:`headwise.budgets.check_prompt`).
     ``select`` adds a decode-time selection rule (:mod:`headwise.select`), as a rule or in ``--select``'s form
     (``"quest:budget=256"``), or as the option ``select``; it combines with any policy, ``full`` included.
+    ``sparse`` adds a sparse prefill pattern (:mod:`headwise.sparse`), as a pattern or in ``--sparse``'s form
+    (``"ashape:local_blocks=4"``); it too combines with any policy.
     A policy that does not compress (``full``) takes no ratio above 0, no budget and no options.
     """
     opts = parse_options(options)
@@ -105,7 +109,8 @@ def make_plan(
     if ratio is None and budget is None and not pol.compresses:
         ratio = 0.0
     selector = parse_selector(select) if isinstance(select, str) else select
-    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, **plan_opts)
+    pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
+    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)
     for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
                                 ("floor", "allocation=adaptive", plan.allocation == "adaptive")):
         if key in plan_opts and not applies:
@@ -125,6 +130,7 @@ def make_cache(
     prompt_length: int | None = None,
     options: list[str] | dict[str, Any] | None = None,
     select: str | Selector | None = None,
+    sparse: str | Pattern | None = None,
 ) -> HeadwiseCache:
     """A compressed cache for ``model`` and select the ``"headwise"`` attention on it.
 
@@ -146,8 +152,10 @@ def make_cache(
         ``floor``, ``group_reduce``).
     select : str or Selector, optional
         A decode-time selection rule, e.g. ``"quest:budget=256"`` (see :func:`make_plan`).
+    sparse : str or Pattern, optional
+        A sparse prefill pattern, e.g. ``"ashape:local_blocks=4"`` (see :func:`make_plan`).
     """
     plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options,
-                     select=select)
+                     select=select, sparse=sparse)
     model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)

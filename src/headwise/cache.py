@@ -53,6 +53,8 @@ from headwise.budgets import (
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
 from headwise.select.base import RuleState, Selector
+from headwise.sparse.base import Pattern
+from headwise.sparse.blocks import block_counts, block_sparse_attention
 
 MODES = ("prefill", "decode")
 QUERY_BLOCK = 256  # queries per block when a policy needs the attention of many queries
@@ -91,6 +93,9 @@ class Plan:
     select : Selector, optional
         A decode-time selection rule (:mod:`headwise.select`): each single-token forward reads, per KV head,
         only the stored tokens the rule picks (Quest's pages, say), from whatever the policy kept.
+    sparse : Pattern, optional
+        A sparse prefill pattern (:mod:`headwise.sparse`): each multi-token forward computes, per head, only the
+        key blocks the pattern selects, while the head still holds every token (before any eviction).
     """
 
     policy: Policy
@@ -104,6 +109,7 @@ class Plan:
     group_reduce: str = "mean"
     compensate: bool = False
     select: Selector | None = None
+    sparse: Pattern | None = None
 
     def __post_init__(self) -> None:
         if self.policy.compresses and (self.ratio is None) == (self.budget is None):
@@ -291,6 +297,8 @@ class CompressedLayer(CacheLayerMixin):
         self.prompt_checked = False
         self.read_tokens = 0.0  # decode-time reads, summed over steps and heads (with what the heads held)
         self.held_tokens = 0
+        self.blocks_computed = 0  # sparse prefill: causal attention blocks computed, summed over query heads
+        self.blocks_causal = 0
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -443,11 +451,15 @@ class CompressedLayer(CacheLayerMixin):
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
         outputs = []
+        sparse = self.plan.sparse is not None and q > 1 and self._only_causal(attention_mask, q)
         for h, head in enumerate(self.heads):
             q_h = query[:, h * group : (h + 1) * group]
             # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
             plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
             allowed = None if plain_causal else self._allowed(head, attention_mask, q)
+            if sparse and head.summary is None and head.keys.shape[1] == self.seen:
+                outputs.append(self._sparse_attention(head, q_h, scaling))
+                continue
             index = self._select(head, q_h) if q == 1 and self.plan.select is not None else None
             keys, values, mask = head.attended(allowed, q, index)
             outputs.append(
@@ -458,6 +470,28 @@ class CompressedLayer(CacheLayerMixin):
             )
         self._feed_policy(query, attention_mask, scaling)
         return torch.cat(outputs, dim=1).transpose(1, 2)
+
+    def _only_causal(self, attention_mask: torch.Tensor | None, q: int) -> bool:
+        """Whether the mask of this forward's ``q`` queries is plain causal over the ``seen`` tokens (no padding),
+        which block-sparse prefill takes for granted. A head computes block-sparse only then, and only while it
+        still holds every token it has seen (so block positions are positions)."""
+        if attention_mask is None:
+            return True
+        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        if allowed.shape[-1] != self.seen:
+            return False
+        causal = torch.arange(self.seen)[None, :] <= torch.arange(self.seen - q, self.seen)[:, None]
+        return bool((allowed[..., -q:, :] == causal.to(allowed.device)).all())
+
+    def _sparse_attention(self, head: _Head, q_h: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Block-sparse attention of the query group ``q_h`` [B, G, q, d] over the head's tokens, counted."""
+        pattern, keys, values = self.plan.sparse, head.keys[:, None], head.values[:, None]
+        offset = self.seen - q_h.shape[2]
+        layout = pattern.layout(q_h, keys, offset)
+        computed, causal = block_counts(layout, q_h.shape[2], self.seen, pattern.block, offset)
+        self.blocks_computed += computed
+        self.blocks_causal += causal
+        return block_sparse_attention(q_h, keys, values, layout, pattern.block, scaling, offset)
 
     def _select(self, head: _Head, q_h: torch.Tensor) -> torch.Tensor | None:
         """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting with
@@ -603,6 +637,12 @@ class HeadwiseCache(Cache):
         """Stop compressing after multi-token forwards (the context is done; questions come next)."""
         for layer in self.compressed_layers:
             layer.sealed = True
+
+    def computed_fraction(self) -> float:
+        """Of the causal attention blocks of the prefill forwards, the fraction sparse prefill computed (1.0
+        without a sparse pattern)."""
+        causal = sum(layer.blocks_causal for layer in self.compressed_layers)
+        return sum(layer.blocks_computed for layer in self.compressed_layers) / causal if causal else 1.0
 
     def read_by(self, select: Selector | None) -> None:
         """From the next decoding step on, read by ``select`` (None: every token), whatever the plan said, and

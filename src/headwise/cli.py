@@ -87,23 +87,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.policy is not None:  # refuse bad compression arguments before the model loads
         from headwise.api import make_plan
 
-        make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=mode, options=options, select=args.select)
-    elif args.select is not None:
+        make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=mode, options=options, select=args.select,
+                  sparse=args.sparse)
+    elif args.select is not None or args.sparse is not None:
         from headwise.api import make_plan
 
-        make_plan("full", select=args.select)
+        make_plan("full", select=args.select, sparse=args.sparse)
     lm = load_model(args.model)
     room = prompt_room(lm.info.context_length, args.max_new_tokens)
     ids = build_prompt(lm, text, chat=False if args.no_chat else None, max_tokens=room if args.truncate else None)
     check_length(ids, lm.info.context_length, args.max_new_tokens)
     cache = None
     policy_note = "full cache"
-    if args.policy is not None or args.select is not None:
+    if args.policy is not None or args.select is not None or args.sparse is not None:
         from headwise.api import make_cache
 
         cache = make_cache(
             lm.model, args.policy or "full", ratio=args.ratio, budget=args.budget, mode=mode,
-            prompt_length=len(ids), options=options, select=args.select,
+            prompt_length=len(ids), options=options, select=args.select, sparse=args.sparse,
         )
         policy_note = cache.describe()
     result = generate(
@@ -114,6 +115,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print()
     if args.select is not None:
         policy_note += f", decoding read {cache.read_fraction():.1%} of the cache"
+    if args.sparse is not None:
+        policy_note += f", prefill computed {cache.computed_fraction():.1%} of the attention blocks"
     print(
         f"[{lm.name}, {policy_note}] prompt {result.prompt_tokens} tokens, KV cache {result.kv_bytes / 2**20:.2f} MiB, "
         f"prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tokens/s",
@@ -134,11 +137,13 @@ def cmd_policies(args: argparse.Namespace) -> None:
         print(f"  options: {options or '(none)'}")
     print(f"plan options (any policy): {', '.join(PLAN_OPTIONS)}; see headwise.cache.Plan")
     from headwise.select import SELECTORS
+    from headwise.sparse import PATTERNS
 
-    for name, cls in SELECTORS.items():
-        options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
-        print(f"--select {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
-        print(f"  options: {options}")
+    for flag, registry in (("--select", SELECTORS), ("--sparse", PATTERNS)):
+        for name, cls in registry.items():
+            options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+            print(f"{flag} {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+            print(f"  options: {options}")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -166,6 +171,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--select", default=None, metavar="RULE[:KEY=VALUE,...]",
                    help="decode-time selection: each step reads only the pages the rule picks, e.g. "
                         "quest:budget=256 (see `headwise policies`); with or without --policy")
+    p.add_argument("--sparse", default=None, metavar="PATTERN[:KEY=VALUE,...]",
+                   help="sparse prefill: each prefill forward computes only the attention blocks the pattern "
+                        "selects, e.g. ashape:local_blocks=4 (see `headwise policies`); with or without --policy")
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the prompt is prefilled")
     p.set_defaults(func=cmd_generate)

@@ -6,10 +6,9 @@ as fields and a ``choose``), then add the class to ``SELECTORS`` below.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
-from headwise.errors import HeadwiseError
+from headwise import specs
 from headwise.select.base import Choice, RuleState, Selector
 from headwise.select.headaware import HeadAwareSelect
 from headwise.select.quest import Quest
@@ -25,31 +24,9 @@ __all__ = ["SELECTORS", "Choice", "HeadAwareSelect", "Quest", "RecycledAttention
 
 def make_selector(name: str, options: dict[str, Any] | None = None) -> Selector:
     """Build a rule by name with its options (strings are converted to the option's type)."""
-    if name not in SELECTORS:
-        raise HeadwiseError(f"unknown selection '{name}'; available: {', '.join(SELECTORS)}")
-    cls = SELECTORS[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options or {}) - set(fields))
-    if unknown:
-        raise HeadwiseError(f"unknown option(s) {', '.join(unknown)} for selection '{name}'; "
-                            f"it takes: {', '.join(fields)}")
-    converted = {}
-    for key, value in (options or {}).items():
-        kind = type(fields[key].default)
-        try:
-            converted[key] = kind(value)
-        except ValueError as exc:
-            raise HeadwiseError(f"selection option {key}={value}: expected a {kind.__name__}") from exc
-    return cls(**converted)
+    return specs.build(SELECTORS, "selection", name, options)
 
 
 def parse_selector(text: str) -> Selector:
     """``"quest:budget=256,page=16"`` -> a rule (the form ``--select`` takes)."""
-    name, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise HeadwiseError(f"selection option '{item}' is not KEY=VALUE")
-        options[key.strip()] = value.strip()
-    return make_selector(name.strip(), options)
+    return specs.parse(SELECTORS, "selection", text)

@@ -7,9 +7,15 @@ Add a pattern: write ``sparse/<name>.py`` with a :class:`~headwise.sparse.base.P
 
 from __future__ import annotations
 
+from headwise import specs
 from headwise.sparse.ashape import AShape
 from headwise.sparse.base import Pattern
 
 PATTERNS: dict[str, type[Pattern]] = {cls.name: cls for cls in (AShape,)}
 
-__all__ = ["PATTERNS", "AShape", "Pattern"]
+__all__ = ["PATTERNS", "AShape", "Pattern", "parse_pattern"]
+
+
+def parse_pattern(text: str) -> Pattern:
+    """``"ashape:block=64,local_blocks=4"`` -> a pattern (the form ``--sparse`` takes)."""
+    return specs.parse(PATTERNS, "sparse pattern", text)

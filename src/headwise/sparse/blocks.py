@@ -34,10 +34,17 @@ def causal_layout(batch: int, heads: int, q: int, n: int, block: int, offset: in
     return (torch.arange(kb)[None, :] <= rows).expand(batch, heads, qb, kb)
 
 
+def block_counts(layout: torch.Tensor, q: int, n: int, block: int, offset: int | None = None) -> tuple[int, int]:
+    """``(computed, causal)``: the causal blocks (at or before each query block's own) the layout computes, and
+    all of them."""
+    causal = causal_layout(*layout.shape[:2], q, n, block, offset).to(layout.device)
+    return int((layout & causal).sum()), int(causal.sum())
+
+
 def computed_fraction(layout: torch.Tensor, q: int, n: int, block: int, offset: int | None = None) -> float:
-    """Of the causal blocks (at or before each query block's own), the fraction the layout computes."""
-    causal = causal_layout(*layout.shape[:2], q, n, block, offset)
-    return float((layout & causal).sum()) / float(causal.sum())
+    """Of the causal blocks, the fraction the layout computes."""
+    computed, causal = block_counts(layout, q, n, block, offset)
+    return computed / causal
 
 
 def block_sparse_attention(

@@ -1,0 +1,44 @@
+"""Rules and patterns named in one string, ``"name:key=value,key=value"``: the form ``--select`` and
+``--sparse`` take. One parser for every registry of small option dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from headwise.errors import HeadwiseError
+
+T = TypeVar("T")
+
+
+def build(registry: dict[str, type[T]], what: str, name: str, options: dict[str, Any] | None = None) -> T:
+    """The ``what`` named ``name`` in ``registry``, built with ``options`` (strings converted to each field's
+    type); an unknown name or option is refused with the known ones."""
+    if name not in registry:
+        raise HeadwiseError(f"unknown {what} '{name}'; available: {', '.join(registry)}")
+    cls = registry[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options or {}) - set(fields))
+    if unknown:
+        raise HeadwiseError(f"unknown option(s) {', '.join(unknown)} for {what} '{name}'; "
+                            f"it takes: {', '.join(fields)}")
+    converted = {}
+    for key, value in (options or {}).items():
+        kind = type(fields[key].default)
+        try:
+            converted[key] = kind(value)
+        except ValueError as exc:
+            raise HeadwiseError(f"{what} option {key}={value}: expected a {kind.__name__}") from exc
+    return cls(**converted)
+
+
+def parse(registry: dict[str, type[T]], what: str, text: str) -> T:
+    """``"name:key=value,..."`` -> the ``what`` it names, built."""
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise HeadwiseError(f"{what} option '{item}' is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return build(registry, what, name.strip(), options)
