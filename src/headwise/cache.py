@@ -54,7 +54,8 @@ from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
 from headwise.select.base import RuleState, Selector
 from headwise.sparse.base import Pattern
-from headwise.sparse.blocks import block_counts, block_sparse_attention
+from headwise.sparse.blocks import block_sparse_attention, computed_work
+from headwise.sparse.plan import SparsePlan
 
 MODES = ("prefill", "decode")
 QUERY_BLOCK = 256  # queries per block when a policy needs the attention of many queries
@@ -93,9 +94,10 @@ class Plan:
     select : Selector, optional
         A decode-time selection rule (:mod:`headwise.select`): each single-token forward reads, per KV head,
         only the stored tokens the rule picks (Quest's pages, say), from whatever the policy kept.
-    sparse : Pattern, optional
-        A sparse prefill pattern (:mod:`headwise.sparse`): each multi-token forward computes, per head, only the
-        key blocks the pattern selects, while the head still holds every token (before any eviction).
+    sparse : Pattern or SparsePlan, optional
+        A sparse prefill pattern, or a plan of one per head (:mod:`headwise.sparse`): each multi-token forward
+        computes, per head, only the key blocks its pattern selects, while the head still holds every token
+        (before any eviction; a policy that scores with attention then sees the sparse attention's queries).
     """
 
     policy: Policy
@@ -109,7 +111,7 @@ class Plan:
     group_reduce: str = "mean"
     compensate: bool = False
     select: Selector | None = None
-    sparse: Pattern | None = None
+    sparse: Pattern | SparsePlan | None = None
 
     def __post_init__(self) -> None:
         if self.policy.compresses and (self.ratio is None) == (self.budget is None):
@@ -149,6 +151,7 @@ class Plan:
     def describe(self) -> str:
         amount = f"ratio {self.ratio}" if self.ratio is not None else f"budget {self.budget}"
         reads = f", reads {self.select.name} {self.select.budget or self.select.fraction}" if self.select else ""
+        reads += f", sparse prefill {self.sparse.describe()}" if self.sparse else ""
         if not self.policy.compresses:
             return self.policy.name + reads
         return f"{self.policy.name}, {amount}, {self.mode} mode, {self.schedule}/{self.allocation}{reads}"
@@ -297,8 +300,8 @@ class CompressedLayer(CacheLayerMixin):
         self.prompt_checked = False
         self.read_tokens = 0.0  # decode-time reads, summed over steps and heads (with what the heads held)
         self.held_tokens = 0
-        self.blocks_computed = 0  # sparse prefill: causal attention blocks computed, summed over query heads
-        self.blocks_causal = 0
+        self.pairs_computed: dict[int, int] = {}  # prefill with a sparse plan: causal (query, key) pairs per KV
+        self.pairs_causal: dict[int, int] = {}  # head (its query group), computed and all
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -457,9 +460,13 @@ class CompressedLayer(CacheLayerMixin):
             # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
             plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
             allowed = None if plain_causal else self._allowed(head, attention_mask, q)
-            if sparse and head.summary is None and head.keys.shape[1] == self.seen:
-                outputs.append(self._sparse_attention(head, q_h, scaling))
+            pattern = self.plan.sparse.for_head(self.layer_idx, h) if sparse else None
+            if pattern is not None and head.summary is None and head.keys.shape[1] == self.seen:
+                outputs.append(self._sparse_attention(h, pattern, q_h, scaling))
                 continue
+            if sparse:  # computed densely: all its causal pairs count as computed
+                work = (q * (self.seen - q) + q * (q + 1) // 2) * group
+                self._count(h, work, work)
             index = self._select(head, q_h) if q == 1 and self.plan.select is not None else None
             keys, values, mask = head.attended(allowed, q, index)
             outputs.append(
@@ -483,15 +490,19 @@ class CompressedLayer(CacheLayerMixin):
         causal = torch.arange(self.seen)[None, :] <= torch.arange(self.seen - q, self.seen)[:, None]
         return bool((allowed[..., -q:, :] == causal.to(allowed.device)).all())
 
-    def _sparse_attention(self, head: _Head, q_h: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Block-sparse attention of the query group ``q_h`` [B, G, q, d] over the head's tokens, counted."""
-        pattern, keys, values = self.plan.sparse, head.keys[:, None], head.values[:, None]
+    def _sparse_attention(self, h: int, pattern: Pattern, q_h: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Block-sparse attention of KV head ``h``'s query group ``q_h`` [B, G, q, d] over its tokens, counted."""
+        head = self.heads[h]
+        keys, values = head.keys[:, None], head.values[:, None]
         offset = self.seen - q_h.shape[2]
         layout = pattern.layout(q_h, keys, offset)
-        computed, causal = block_counts(layout, q_h.shape[2], self.seen, pattern.block, offset)
-        self.blocks_computed += computed
-        self.blocks_causal += causal
+        computed, causal = computed_work(layout, q_h.shape[2], self.seen, pattern.block, offset)
+        self._count(h, computed // layout.shape[0], causal // layout.shape[0])
         return block_sparse_attention(q_h, keys, values, layout, pattern.block, scaling, offset)
+
+    def _count(self, h: int, computed: int, causal: int) -> None:
+        self.pairs_computed[h] = self.pairs_computed.get(h, 0) + computed
+        self.pairs_causal[h] = self.pairs_causal.get(h, 0) + causal
 
     def _select(self, head: _Head, q_h: torch.Tensor) -> torch.Tensor | None:
         """The stored tokens of ``head`` that this decoding step reads (None: all), counted for accounting with
@@ -614,8 +625,9 @@ class HeadwiseCache(Cache):
         super().__init__(layers=layers)
         self.model_config = config
         plan.policy.bind(config)
-        if plan.select is not None:
-            plan.select.bind(config)
+        for part in (plan.select, plan.sparse):
+            if part is not None:
+                part.bind(config)
         self.plan = plan
 
     @property
@@ -639,10 +651,16 @@ class HeadwiseCache(Cache):
             layer.sealed = True
 
     def computed_fraction(self) -> float:
-        """Of the causal attention blocks of the prefill forwards, the fraction sparse prefill computed (1.0
-        without a sparse pattern)."""
-        causal = sum(layer.blocks_causal for layer in self.compressed_layers)
-        return sum(layer.blocks_computed for layer in self.compressed_layers) / causal if causal else 1.0
+        """Of the causal attention of the multi-token forwards (query, key pairs, all heads), the fraction sparse
+        prefill computed: the pairs inside the blocks its patterns selected (1.0 without a sparse plan)."""
+        layers = self.compressed_layers
+        causal = sum(sum(layer.pairs_causal.values()) for layer in layers)
+        return sum(sum(layer.pairs_computed.values()) for layer in layers) / causal if causal else 1.0
+
+    def computed_fractions(self) -> list[list[float]]:
+        """:meth:`computed_fraction` per compressed layer and KV head (1.0 where nothing was counted)."""
+        return [[layer.pairs_computed[h] / layer.pairs_causal[h] if layer.pairs_causal.get(h) else 1.0
+                 for h in range(len(layer.heads))] for layer in self.compressed_layers]
 
     def read_by(self, select: Selector | None) -> None:
         """From the next decoding step on, read by ``select`` (None: every token), whatever the plan said, and

@@ -17,6 +17,7 @@ from headwise.errors import HeadwiseError, run_cli
 from headwise.profile.cli import add_profile
 from headwise.registry import DEFAULT_MODEL, REGISTRY
 from headwise.serve.cli import add_serve
+from headwise.sparse.cli import add_sparse_plan
 
 
 def _utf8(data: bytes, source: str) -> str:
@@ -144,6 +145,7 @@ def cmd_policies(args: argparse.Namespace) -> None:
             options = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
             print(f"{flag} {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
             print(f"  options: {options}")
+    print("--sparse PLAN.json: a pattern per KV head, from `headwise sparse-plan`")
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -171,15 +173,18 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--select", default=None, metavar="RULE[:KEY=VALUE,...]",
                    help="decode-time selection: each step reads only the pages the rule picks, e.g. "
                         "quest:budget=256 (see `headwise policies`); with or without --policy")
-    p.add_argument("--sparse", default=None, metavar="PATTERN[:KEY=VALUE,...]",
+    p.add_argument("--sparse", default=None, metavar="PATTERN[:KEY=VALUE,...]|PLAN.json",
                    help="sparse prefill: each prefill forward computes only the attention blocks the pattern "
-                        "selects, e.g. ashape:local_blocks=4 (see `headwise policies`); with or without --policy")
+                        "selects, e.g. ashape:local_blocks=4 (see `headwise policies`), or a plan file from "
+                        "`headwise sparse-plan` (PLAN.json); with or without --policy")
     add_threads_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the prompt is prefilled")
     p.set_defaults(func=cmd_generate)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_generate, add_profile, add_bench, add_serve]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_generate, add_profile, add_sparse_plan, add_bench, add_serve,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,12 +5,16 @@ each query block of a prefill forward computes (:mod:`headwise.sparse.blocks`); 
 blocks only. A pattern may look at the queries and keys to choose (vertical-slash, cumulative mass) or not at all
 (A-shape). Below ``min_length`` keys a pattern computes everything: short prompts gain nothing from it.
 
+The cache asks the plan's pattern which pattern each KV head follows (:meth:`Pattern.for_head`), so a sparse
+plan (:mod:`headwise.sparse.plan`) gives every head its own, read from a file.
+
 To add a pattern, write one file in this folder with a dataclass subclass and register it in
 ``sparse/__init__.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -54,3 +58,15 @@ class Pattern:
     def select(self, query: torch.Tensor, key: torch.Tensor, offset: int) -> torch.Tensor:
         """The pattern's own blocks (anything past the causal ones is ignored)."""
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """The pattern in ``--sparse``'s form, every option spelled out."""
+        return f"{self.name}:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    def bind(self, config) -> None:
+        """Check the pattern against the model's config before the cache uses it (nothing to check by default)."""
+
+    def for_head(self, layer_idx: int, head: int) -> Pattern | None:
+        """The pattern one KV head's query group computes by (None: dense attention); the same for all heads by
+        default, one per head for a plan (:mod:`headwise.sparse.plan`)."""
+        return self

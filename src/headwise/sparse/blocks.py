@@ -34,16 +34,26 @@ def causal_layout(batch: int, heads: int, q: int, n: int, block: int, offset: in
     return (torch.arange(kb)[None, :] <= rows).expand(batch, heads, qb, kb)
 
 
-def block_counts(layout: torch.Tensor, q: int, n: int, block: int, offset: int | None = None) -> tuple[int, int]:
-    """``(computed, causal)``: the causal blocks (at or before each query block's own) the layout computes, and
-    all of them."""
-    causal = causal_layout(*layout.shape[:2], q, n, block, offset).to(layout.device)
-    return int((layout & causal).sum()), int(causal.sum())
+def causal_pairs(q: int, n: int, block: int, offset: int | None = None) -> torch.Tensor:
+    """The causal (query, key) pairs [Qb, Kb] inside each block of the grid: the attention work a block holds
+    (a diagonal block about half of a full one)."""
+    offset = n - q if offset is None else offset
+    first, qb, kb = block_grid(q, n, block, offset)
+    positions = torch.arange(offset, offset + q)
+    per_key_block = (positions[:, None] + 1 - torch.arange(kb)[None, :] * block).clamp(0, block)  # [q, Kb]
+    return torch.zeros(qb, kb, dtype=torch.long).index_add_(0, positions // block - first, per_key_block)
+
+
+def computed_work(layout: torch.Tensor, q: int, n: int, block: int, offset: int | None = None) -> tuple[int, int]:
+    """``(computed, causal)``: the causal (query, key) pairs in the blocks the layout [B, H, Qb, Kb] computes,
+    and all of them, summed over batch and heads."""
+    pairs = causal_pairs(q, n, block, offset).to(layout.device)
+    return int((layout * pairs).sum()), int(pairs.sum()) * layout.shape[0] * layout.shape[1]
 
 
 def computed_fraction(layout: torch.Tensor, q: int, n: int, block: int, offset: int | None = None) -> float:
-    """Of the causal blocks, the fraction the layout computes."""
-    computed, causal = block_counts(layout, q, n, block, offset)
+    """Of the causal attention (query, key) pairs, the fraction in the blocks the layout computes."""
+    computed, causal = computed_work(layout, q, n, block, offset)
     return computed / causal
 
 
@@ -97,3 +107,32 @@ def block_sparse_attention(
         weights = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).view_as(allowed)
         out[:, :, start : start + rows] = torch.einsum("bhriwj,bhrwjd->bhrid", weights.to(v_sel.dtype), v_sel)
     return out.view(b, hq, qb * block, d)[:, :, front : front + q]
+
+
+def queries_per_key_head(key: torch.Tensor, hq: int) -> torch.Tensor:
+    """``key`` [B, Hkv, n, d] repeated to [B, Hq, n, d], the key head each query head reads (GQA)."""
+    return key.repeat_interleave(hq // key.shape[1], dim=1)
+
+
+def grid_positions(q: int, n: int, block: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block rows [Qb, 1] of the queries and the block columns [1, Kb] of the keys, on the prompt's grid."""
+    first, qb, kb = block_grid(q, n, block, offset)
+    return torch.arange(first, first + qb)[:, None], torch.arange(kb)[None, :]
+
+
+def smallest_set_reaching(mass: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per row of ``mass`` [..., k] (non-negative), the fewest entries whose sum reaches ``gamma`` of the row's
+    total, largest first (ties by position); a bool mask of the same shape. A row of zeros selects nothing."""
+    total = mass.sum(dim=-1, keepdim=True)
+    ordered, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    before = ordered.cumsum(dim=-1) - ordered  # the mass of the larger entries, each entry's own left out
+    keep = (before < gamma * total) & (ordered > 0)
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A bool mask of the ``k`` largest entries of each row of ``scores`` [..., m] (all of them if k >= m; ties
+    by position)."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, order, True)
