@@ -215,7 +215,7 @@ def test_costs_and_sweep_wall_time(records):
     _, (panel,) = analyse(records)
     rows = {(row[0], row[1]): row for row in cost_rows(panel)}
     snapkv = rows["snapkv", "0.5"]
-    assert snapkv[2:] == ["0.50", "0.50", "0.500", "0.100", "20.0", "1.00", 3 * CONTEXTS, 3 * CONTEXTS]
+    assert snapkv[2:] == ["0.50", "0.50", "0.500", "100.0%", "0.100", "20.0", "1.00", 3 * CONTEXTS, 3 * CONTEXTS]
     assert rows["snapkv (kvpress)", "0.5"][-1] == 0
     sweep = {row[0]: row for row in sweep_rows(records)}
     parts = 3 * 4 + 3 * CONTEXTS * 5  # calibration included
@@ -252,13 +252,15 @@ def test_markdown_report_has_the_tables(records):
 def test_html_report_is_self_contained_and_escaped(records, tmp_path):
     path = build_report(records, tmp_path)
     html = path.read_text()
-    assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(PLOTS)
+    dense_plots = [name for name in PLOTS if name != "sparse_heads.png"]  # no sparse prefill ran
+    assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(dense_plots)
     assert not re.search(r"https?://", html) and "<link" not in html
     assert html.count("<table>") == 6  # gate, headline, per task, costs, sweep, provenance
     assert "<script>x</script>" not in html and "&lt;script&gt;x&lt;/script&gt;" in html
     assert "snapkv ★" in html and "beyond the model" in html
-    for name in PLOTS:
+    for name in dense_plots:
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "sparse_heads.png").exists()
 
 
 def test_old_format_records_are_refused(records):
@@ -313,3 +315,20 @@ def test_kv_read_per_step_follows_the_answers_read_fraction():
     assert read_bytes(part) == 500.0
     assert read_bytes({"kv_bytes": 1000.0, "samples": [{}]}) == 1000.0  # no selection: every step reads all
     assert read_bytes({"samples": []}) is None
+
+
+def test_sparse_prefill_gets_rows_a_level_and_a_per_head_picture(records, tmp_path):
+    from headwise.report.bench_report import sparse_heads
+
+    sparse = []
+    for r in synthetic():
+        if r["method"] == "full" and not r["calibration"]:
+            sparse.append(harmonize({**r, "key": r["key"] + "-sparse", "options": {"sparse": "ashape"},
+                                     "computed_fraction": 0.25, "computed_fractions": [[0.2, 0.3], [1.0, 0.5]]}))
+    _, (panel,) = analyse(records + sparse)
+    rows = {(row[0], row[1]): row for row in cost_rows(panel)}
+    assert rows["full sparse=ashape", "0"][5] == "25.0%" and rows["full", "0"][5] == "100.0%"
+    (grid,) = sparse_heads([panel]).values()
+    assert grid == [[pytest.approx(0.2), pytest.approx(0.3)], [1.0, 0.5]]
+    build_report(records + sparse, tmp_path)
+    assert (tmp_path / "sparse_heads.png").read_bytes().startswith(b"\x89PNG")

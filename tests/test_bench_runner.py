@@ -444,3 +444,22 @@ def test_a_snapshot_keeps_only_the_tasks_a_sweep_finished():
     assert {r["task"] for r in kept} == {"passkey", "qa"}
     assert notes == ["kvpress/m/2048/vartrack: 2 cells short of their contexts, 0 settings not started",
                      "kvpress/m/2048/frequent: 0 cells short of their contexts, 1 settings not started"]
+
+
+def test_sparse_prefill_runs_the_methods_again_measured_against_the_dense_full_cache(tmp_path, lm, samples):
+    spec = "ashape:block=16,min_length=0,local_blocks=2"
+    planned = [c for c in cells(methods=("snapkv",), sparse=[spec]) if c.task == "passkey"]
+    reported = [c for c in planned if not c.calibration]
+    assert [(c.method, c.options) for c in reported] == [("full", {}), ("snapkv", {}), ("full", {"sparse": spec}),
+                                                         ("snapkv", {"sparse": spec})]
+    assert [c.is_reference for c in reported] == [True, False, False, False]
+    assert [c.shares_prefill for c in reported] == [True, True, False, False]
+    assert reported[2].resolved["sparse"] == "ashape:block=16,min_length=0,sink_blocks=1,local_blocks=2"
+    records = [r for r in run(lm, planned, samples, tmp_path / "r.jsonl") if not r["calibration"]]
+    dense = [r for r in records if not r["options"]]
+    sparse = [r for r in records if r["options"]]
+    assert all(r["computed_fraction"] == 1.0 and "computed_fractions" not in r for r in dense)
+    assert all(0 < r["computed_fraction"] < 0.6 for r in sparse)
+    assert all(len(r["computed_fractions"]) == 2 and len(r["computed_fractions"][0]) == 2 for r in sparse)  # layers, KV
+    reference = {row["id"]: row["nll"] for r in dense if r["method"] == "full" for row in r["samples"]}
+    assert all(row["nll_full"] == reference[row["id"]] for r in sparse for row in r["samples"])

@@ -47,7 +47,7 @@ def test_block_sparse_attention_matches_dense_over_the_same_blocks(q, n, block, 
     offset = n - q  # the last q of n tokens: a whole prompt when q == n, a later chunk otherwise
     _, qb, kb = block_grid(q, n, block)
     layout = torch.rand(2, hq, qb, kb) < 0.5
-    got = block_sparse_attention(query, key, value, layout, block, 0.3, rows=2)
+    got = block_sparse_attention(query, key, value, layout, block, 0.3, max_blocks=3)
     torch.testing.assert_close(got, naive(query, key, value, layout, block, 0.3, offset), rtol=1e-4, atol=1e-5)
 
 

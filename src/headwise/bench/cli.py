@@ -87,7 +87,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         resolve(args.model)[0], methods, split_list(args.ratios, float, "ratio"), task_names, lengths,
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
-        calibration_seed=args.calibration_seed, calibration_samples=args.calibration_samples,
+        calibration_seed=args.calibration_seed, calibration_samples=args.calibration_samples, sparse=args.sparse,
     )
     lm = load_model(args.model)
     too_long = [n for n in lengths if n > lm.info.context_length]
@@ -176,6 +176,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", "-o", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="a policy or plan option for one method of --methods, e.g. -o snapkv:window=32")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill the context in chunks of this many tokens")
+    p.add_argument("--sparse", action="append", default=[], metavar="PATTERN[:KEY=VALUE,...]|PLAN.json",
+                   help="also run the full cache and every method with this sparse prefill (repeatable; see "
+                        "`headwise policies` and `headwise sparse-plan`); each answer is measured against the dense "
+                        "full cache's")
     add_threads_option(p)
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
     p.add_argument("--direct-prefill", action="store_true",

@@ -61,13 +61,14 @@ from headwise.bench.calibration import CALIBRATION_SEED, FULL
 from headwise.bench.protocol import Answer, answer, context_parts, follow
 from headwise.bench.store import append_record, read_records, repair
 from headwise.bench.tasks import Sample
-from headwise.cache import Plan
+from headwise.cache import HeadwiseCache, Plan
 from headwise.checks import check_chunk_size
 from headwise.errors import HeadwiseError
 from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
 from headwise.models import LoadedModel
 from headwise.select import SELECTORS, make_selector
+from headwise.sparse.plan import SparsePlan
 
 PROTOCOLS = ("agnostic", "aware")
 LIBRARY = "headwise"
@@ -136,7 +137,13 @@ def resolved_options(plan: Plan) -> dict:
     select = {"rule": plan.select.name, **dataclasses.asdict(plan.select)} if plan.select else None
     if select and select.get("profile"):
         select["profile_sha256"] = _file_digest(select["profile"])
-    return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode, "select": select}
+    sparse = None
+    if isinstance(plan.sparse, SparsePlan):
+        sparse = {"plan": plan.sparse.file, "sha256": _file_digest(plan.sparse.file)}
+    elif plan.sparse is not None:
+        sparse = plan.sparse.describe()
+    return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode, "select": select,
+            **({"sparse": sparse} if sparse else {})}
 
 
 @dataclass(frozen=True)
@@ -169,18 +176,27 @@ class Cell:
         return hashlib.sha256(f"{self.key()}|{context_id}|{digest}".encode()).hexdigest()[:20]
 
     @property
+    def is_reference(self) -> bool:
+        """Whether this is the full cache with dense prefill, whose answers every other cell is measured against."""
+        return self.method == FULL and not self.options
+
+    @property
     def shares_prefill(self) -> bool:
         """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`)."""
-        return self.protocol == "agnostic" and self.chunk_size is None
+        return self.protocol == "agnostic" and self.chunk_size is None and "sparse" not in self.options
 
 
 def plan_arguments(method: str, ratio: float, options: dict) -> dict:
     """What :func:`headwise.api.make_plan` builds a method's plan from: a policy removing ``ratio`` of the cache,
     or a selection rule (:data:`headwise.select.SELECTORS`) over the whole cache whose decoding steps read
-    ``1 - ratio`` of it (as many tokens as eviction at that ratio keeps)."""
+    ``1 - ratio`` of it (as many tokens as eviction at that ratio keeps); the option ``sparse`` (``--sparse``)
+    adds sparse prefill to either."""
+    options = dict(options)
+    sparse = options.pop("sparse", None)
     if method in SELECTORS:
-        return {"policy": FULL, "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
-    return {"policy": method, "ratio": ratio if method != FULL else None, "options": options}
+        return {"policy": FULL, "sparse": sparse,
+                "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
+    return {"policy": method, "ratio": ratio if method != FULL else None, "options": options, "sparse": sparse}
 
 
 def plan_cells(
@@ -197,10 +213,12 @@ def plan_cells(
     chunk_size: int | None = None,
     calibration_seed: int | None = CALIBRATION_SEED,
     calibration_samples: int | None = None,
+    sparse: Sequence[str] = (),
 ) -> list[Cell]:
     """The cells of a sweep: the calibration gate (the full cache on ``calibration_seed``, ``calibration_samples``
     contexts, default ``n_samples``; None: no gate), then per task and length the full cache and every method x
-    ratio x protocol.
+    ratio x protocol, and all of them again with each sparse prefill pattern or plan of ``sparse`` (the option
+    ``sparse``; the dense full cache stays the reference).
 
     Everything is checked first, with no model: protocols, ratios, the chunk size, seeds, and each method's
     options (by building its plan at every ratio); options for a method that is not run are refused.
@@ -226,8 +244,9 @@ def plan_cells(
         )
     common = dict(model=model, chunk_size=chunk_size, fingerprint=fingerprint())
 
-    def cell(method: str, ratio: float, task: str, length: int, protocol: str, **kw) -> Cell:
-        given = options.get(method, {}) if method != FULL else {}
+    def cell(method: str, ratio: float, task: str, length: int, protocol: str, extra: dict | None = None,
+             **kw) -> Cell:
+        given = {**(options.get(method, {}) if method != FULL else {}), **(extra or {})}
         plan = make_plan(**plan_arguments(method, ratio, given))
         return Cell(method=method, ratio=ratio, task=task, length=length, protocol=protocol, options=given,
                     resolved=resolved_options(plan), **common, **kw)
@@ -240,8 +259,10 @@ def plan_cells(
     for task in tasks:
         for length in lengths:
             run = dict(task=task, length=length, n_samples=n_samples, seed=seed)
-            cells.append(cell(FULL, 0.0, protocol="agnostic", **run))
-            cells += [cell(m, r, protocol=p, **run) for m in compressing for r in ratios if r > 0 for p in protocols]
+            for extra in [None, *({"sparse": spec} for spec in sparse)]:
+                cells.append(cell(FULL, 0.0, protocol="agnostic", extra=extra, **run))
+                cells += [cell(m, r, protocol=p, extra=extra, **run)
+                          for m in compressing for r in ratios if r > 0 for p in protocols]
     return cells
 
 
@@ -343,7 +364,7 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
     For the full cell, ``references`` is filled with its answers; other cells need them there.
     """
     wall, cpu = time.perf_counter(), time.process_time()
-    rows, built = [], []  # built: (kv bytes, prefill seconds, compression seconds) per cache built
+    rows, built = [], []  # built: (kv bytes, prefill and compression seconds, computed fraction) per cache built
     with PeakRSS() as mem:
         cache = None
         for sample, tail in zip(ctx.questions, ctx.tails, strict=True):
@@ -352,19 +373,22 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
                 ids, tail, cache = ctx.head + tail[:-1], tail[-1:], None
             if cache is None:
                 cache, prefill_seconds, compress_seconds = ctx.compressed(cell, ids)
-                built.append((cache_bytes(cache), prefill_seconds, compress_seconds))
+                per_head = cache.computed_fractions() if isinstance(cache, HeadwiseCache) else []  # a peer's: dense
+                built.append((cache_bytes(cache), prefill_seconds, compress_seconds,
+                              cache.computed_fraction() if isinstance(cache, HeadwiseCache) else 1.0))
             got = answer(ctx.lm, cache, tail, sample)
-            reference = got.tokens if cell.method == FULL else references[sample.id].tokens
+            reference = got.tokens if cell.is_reference else references[sample.id].tokens
             fidelity = follow(ctx.lm, cache, tail, reference)
-            if cell.method == FULL:
+            if cell.is_reference:
                 references[sample.id] = Reference(got.tokens, fidelity[0])
             rows.append(answer_row(sample, got, len(ids) + len(tail), fidelity, references[sample.id].nll))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    kv, prefills, compressions = (sum(column) / len(built) for column in zip(*built, strict=True))
+    kv, prefills, compressions, computed = (sum(column) / len(built) for column in zip(*built, strict=True))
     return {
         "key": cell.part_key(ctx.id, ctx.digest), "cell": cell.key(), **asdict(cell), "context_id": ctx.id,
         "score": sum(r["score"] for r in rows) / len(rows), "kv_bytes": kv, "prefill_seconds": prefills,
-        "compress_seconds": compressions,
+        "compress_seconds": compressions, "computed_fraction": computed,
+        **({"computed_fractions": per_head} if "sparse" in cell.options else {}),
         "shared_prefill": ctx.shares(cell), "peak_rss": mem.peak, "peak_rss_delta": mem.delta,
         "wall_seconds": wall, "cpu_seconds": cpu, "samples": rows,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -461,7 +485,7 @@ def sweep(
             continue
         ctx = peer.context(questions) if peer else Context(lm, questions, share_prefill=share_prefill)
         references = stored_references(stored, groups[g], context_id, digest)
-        for cell in sorted(missing, key=lambda c: c.method != FULL):
+        for cell in sorted(missing, key=lambda c: not c.is_reference):
             bar.set_postfix_str(f"{ctx.id} {cell.method} {cell.ratio:g} {cell.protocol}")
             record = run_part(ctx, cell, references)
             record = {**record, **(peer.extra(ctx, cell, record) if peer else {}), **meta}
@@ -476,7 +500,7 @@ def sweep(
 def stored_references(stored: dict[str, dict], cells: Sequence[Cell], context_id: str,
                       digest: str) -> dict[str, Reference]:
     """The full cache's answers to a context's questions, from its stored part (empty when not yet run)."""
-    full = [c for c in cells if c.method == FULL]
+    full = [c for c in cells if c.is_reference]
     part = stored.get(full[0].part_key(context_id, digest)) if full else None
     if part is None:
         return {}

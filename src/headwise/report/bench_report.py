@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ PLOTS = {
     "nll_vs_ratio.png": "Answer NLL above the full cache's own vs fraction of KV removed",
     "top1_vs_ratio.png": "Top-1 agreement with the full cache's answer vs fraction of KV removed",
     "kv_bytes_vs_ratio.png": "KV-cache MiB held after prefill vs fraction removed",
+    "sparse_heads.png": "Share of the causal attention sparse prefill computed, per layer (rows) and KV head (columns)",
 }
 
 ALIASES = {"peak_rss_bytes": "peak_rss", "peak_rss_delta_bytes": "peak_rss_delta"}
@@ -338,6 +340,7 @@ COST_HEADERS = [
     "KV MiB",
     "KV read/step MiB",
     "prefill s",
+    "prefill computed",
     "compress s",
     "decode tok/s",
     "s/answer",
@@ -371,6 +374,7 @@ def cost_rows(panel: Panel) -> list[list[object]]:
                 f"{_mean(r.get('kv_bytes') for r in parts) / MIB:.2f}",
                 f"{_mean(read_bytes(r) for r in parts) / MIB:.2f}",
                 f"{_mean(r.get('prefill_seconds') for r in parts):.3f}",
+                f"{_mean(r.get('computed_fraction', 1.0) for r in parts):.1%}",
                 f"{_mean(r.get('compress_seconds') for r in parts):.3f}",
                 f"{tps:.1f}",
                 f"{sum(r.get('wall_seconds', 0.0) for r in parts) / n_answers:.2f}",
@@ -573,6 +577,9 @@ def _draw_lines(ylabel: str, ylim: tuple[float, float] | None) -> Callable[[obje
                     pts[0][1].mean, color="black" if library == "headwise" else "grey", linestyle="--", label=name
                 )
                 continue
+            if [x for x, _ in pts] == [0.0]:  # the full cache with sparse prefill: a level of its own
+                ax.axhline(pts[0][1].mean, color=_colour(method), linestyle=":", label=name)
+                continue
             xs = [x for x, _ in pts]
             ys = [iv.mean for _, iv in pts]
             err = [
@@ -622,9 +629,45 @@ def _kv_points(panel: Panel) -> dict:
     return lines
 
 
+def sparse_heads(panels: Sequence[Panel]) -> dict[str, list[list[float]]]:
+    """Per sparse setting (named with its panel), the mean over its parts of the computed share per layer and KV
+    head."""
+    out = {}
+    for panel in panels:
+        by: dict[Setting, list[list[list[float]]]] = defaultdict(list)
+        for r in panel.parts:
+            if r.get("computed_fractions"):
+                by[setting(r)].append(r["computed_fractions"])
+        for (library, method, ratio, protocol), grids in sorted(by.items()):
+            mean = [[sum(g[i][h] for g in grids) / len(grids) for h in range(len(grids[0][i]))]
+                    for i in range(len(grids[0]))]
+            out[f"{panel_title(panel)}: {label(library, method, protocol)} at {ratio:g}"] = mean
+    return out
+
+
+def _heads_png(grids: dict[str, list[list[float]]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(2.6 * len(grids) + 1, 5.0), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
+        shown = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(name, 30)), fontsize=7)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+    fig.colorbar(shown, ax=axes[0].tolist(), label="computed share")
+    fig.suptitle(PLOTS["sparse_heads.png"], fontsize=9)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plots(panels: Sequence[Panel]) -> dict[str, bytes]:
-    """The PNG plots, one axis per model and length."""
-    return {
+    """The PNG plots, one axis per model and length (and the per-head picture of sparse prefill, if any ran)."""
+    pngs = {
         "score_vs_ratio.png": _plot(
             panels, _headline_points("score"), "score", PLOTS["score_vs_ratio.png"], (-0.03, 1.03)
         ),
@@ -636,6 +679,10 @@ def plots(panels: Sequence[Panel]) -> dict[str, bytes]:
         ),
         "kv_bytes_vs_ratio.png": _plot(panels, _kv_points, "KV MiB", PLOTS["kv_bytes_vs_ratio.png"]),
     }
+    grids = sparse_heads(panels)
+    if grids:
+        pngs["sparse_heads.png"] = _heads_png(grids)
+    return pngs
 
 
 # ---------------------------------------------------------------------------------------------- HTML

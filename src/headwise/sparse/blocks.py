@@ -8,8 +8,8 @@ positions counted from position 0, for queries and keys alike, so a chunk of que
 
 A layout is a bool tensor ``[B, Hq, Qb, Kb]``: ``Qb`` query blocks (those the queries fall in, from the first
 one's) by ``Kb = ceil(n / block)`` key blocks. :func:`block_sparse_attention` gathers only the selected key
-blocks of every query block and computes attention over them, causal inside, with no mask or score over the
-blocks it skips and no ``q x n`` matrix: its cost grows with the blocks selected.
+blocks of every query block and computes attention over them with PyTorch's fused SDPA, causal inside, with no
+mask or score over the blocks it skips and no ``q x n`` matrix: its cost grows with the blocks selected.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def block_grid(q: int, n: int, block: int, offset: int | None = None) -> tuple[int, int, int]:
@@ -65,47 +67,46 @@ def block_sparse_attention(
     block: int,
     scale: float,
     offset: int | None = None,
-    rows: int = 16,
+    max_blocks: int = 4096,
 ) -> torch.Tensor:
     """Causal attention of ``query`` [B, Hq, q, d] over the key blocks ``layout`` [B, Hq, Qb, Kb] selects.
 
     ``key`` and ``value`` are [B, Hkv, n, d]; the result is [B, Hq, q, d], equal to dense causal attention whose
-    mask also hides every key block the layout leaves out (a query with no visible key gets zeros). Query
-    blocks are processed ``rows`` at a time, so memory stays bounded by ``rows`` query blocks x the most key
-    blocks any of them selects.
+    mask also hides every key block the layout leaves out (a query block with no causal block selected gets
+    zeros). Each (query head, query block) is a task: its selected key blocks, gathered in order, are one
+    contiguous run of keys, all visible but the query block's own, the last of the run, which is causal. So the
+    tasks of equal width (and own block in or out) go to SDPA together, with lower-right causal
+    alignment (:func:`torch.nn.attention.bias.causal_lower_right`) or no mask at all: the work grows with the
+    blocks selected, at the speed of the fused kernel. At most ``max_blocks`` key blocks are gathered at once.
     """
     b, hq, q, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
     offset = n - q if offset is None else offset
     first, qb, kb = block_grid(q, n, block, offset)
     front = offset - first * block
-    back = qb * block - front - q
-    padded = torch.nn.functional.pad(query, (0, 0, front, back)).view(b, hq, qb, block, d)
-    pad_keys = kb * block - n
-    keys = torch.nn.functional.pad(key, (0, 0, 0, pad_keys)).view(b, hkv, kb, block, d)
-    values = torch.nn.functional.pad(value, (0, 0, 0, pad_keys)).view(b, hkv, kb, block, d)
-    kv_head = torch.arange(hq, device=query.device) // (hq // hkv)
-    batch = torch.arange(b, device=query.device)[:, None, None, None]
-    heads = kv_head[None, :, None, None]
-    within = torch.arange(block, device=query.device)
-    out = query.new_zeros(b, hq, qb, block, d)
-    for start in range(0, qb, rows):
-        part = layout[:, :, start : start + rows]  # [B, Hq, r, Kb]
-        width = max(int(part.sum(dim=-1).max()), 1)
-        # the selected key blocks of each query block, first the selected ones in order, then padding
-        order = torch.sort(part.to(torch.int8), dim=-1, descending=True, stable=True)
-        index, valid = order.indices[..., :width], order.values[..., :width].bool()  # [B, Hq, r, w]
-        k_sel = keys[batch, heads, index]  # [B, Hq, r, w, block, d]
-        v_sel = values[batch, heads, index]
-        q_part = padded[:, :, start : start + rows]  # [B, Hq, r, block, d]
-        scores = torch.einsum("bhrid,bhrwjd->bhriwj", q_part, k_sel) * scale
-        q_pos = (first + start + torch.arange(part.shape[2], device=query.device))[:, None] * block + within
-        k_pos = index[..., None] * block + within  # [B, Hq, r, w, block]
-        allowed = (valid[..., None] & (k_pos < n))[:, :, :, None] & (
-            k_pos[:, :, :, None] <= q_pos[None, None, :, :, None, None])
-        scores = scores.masked_fill(~allowed, float("-inf")).flatten(-2)
-        weights = torch.nan_to_num(scores.softmax(dim=-1), nan=0.0).view_as(allowed)
-        out[:, :, start : start + rows] = torch.einsum("bhriwj,bhrwjd->bhrid", weights.to(v_sel.dtype), v_sel)
+    queries = F.pad(query, (0, 0, front, qb * block - front - q)).reshape(b * hq * qb, block, d)
+    keys = F.pad(key, (0, 0, 0, kb * block - n)).reshape(b * hkv * kb, block, d)
+    values = F.pad(value, (0, 0, 0, kb * block - n)).reshape(b * hkv * kb, block, d)
+    chosen = (layout & causal_layout(b, hq, q, n, block, offset).to(layout.device)).reshape(-1, kb)  # [T, Kb]
+    width = chosen.sum(dim=-1)
+    rows = (first + torch.arange(qb, device=layout.device)).repeat(b * hq)
+    own = chosen.gather(1, rows[:, None]).squeeze(1)
+    # each task's first key block in the flat keys: its batch and KV head (query head h reads h // group)
+    task = torch.arange(b * hq * qb, device=layout.device)
+    base = ((task // (hq * qb)) * hkv + (task // qb) % hq // (hq // hkv)) * kb
+    order = torch.sort(chosen.to(torch.int8), dim=-1, descending=True, stable=True).indices  # selected, ascending
+    out = query.new_zeros(b * hq * qb, block, d)
+    for w, has_own in torch.unique(torch.stack([width, own.long()], dim=1), dim=0).tolist():
+        if w == 0:
+            continue
+        mask = causal_lower_right(block, w * block) if has_own else None
+        tasks = torch.nonzero((width == w) & (own == bool(has_own))).flatten()
+        for part in tasks.split(max(1, max_blocks // w)):
+            index = (order[part, :w] + base[part, None]).flatten()  # the flat key blocks, w per task
+            runs = (len(part), w * block, d)
+            out.index_copy_(0, part, F.scaled_dot_product_attention(  # 4-D: [1, t, ...] takes the fused kernel
+                queries.index_select(0, part)[None], keys.index_select(0, index).view(runs)[None],
+                values.index_select(0, index).view(runs)[None], attn_mask=mask, scale=scale)[0])
     return out.view(b, hq, qb * block, d)[:, :, front : front + q]
 
 
