@@ -97,7 +97,8 @@ class Plan:
     sparse : Pattern or SparsePlan, optional
         A sparse prefill pattern, or a plan of one per head (:mod:`headwise.sparse`): each multi-token forward
         computes, per head, only the key blocks its pattern selects, while the head still holds every token
-        (before any eviction; a policy that scores with attention then sees the sparse attention's queries).
+        (before any eviction). A policy that scores with attention computes the rows it observes densely (SnapKV's
+        window over every key), whatever the pattern skipped.
     """
 
     policy: Policy
