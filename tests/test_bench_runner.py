@@ -454,7 +454,7 @@ def test_sparse_prefill_runs_the_methods_again_measured_against_the_dense_full_c
                                                          ("snapkv", {"sparse": spec})]
     assert [c.is_reference for c in reported] == [True, False, False, False]
     assert [c.shares_prefill for c in reported] == [True, True, False, False]
-    assert reported[2].resolved["sparse"] == "ashape:block=16,min_length=0,sink_blocks=1,local_blocks=2"
+    assert reported[2].resolved["sparse"] == "ashape:block=16,min_length=0,last_dense=64,sink_blocks=1,local_blocks=2"
     records = [r for r in run(lm, planned, samples, tmp_path / "r.jsonl") if not r["calibration"]]
     dense = [r for r in records if not r["options"]]
     sparse = [r for r in records if r["options"]]

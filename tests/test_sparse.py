@@ -84,7 +84,7 @@ def test_causal_pairs_counts_the_pairs_of_every_block(q, n, block):
 
 
 def test_ashape_selects_the_sinks_and_a_local_band_of_causal_blocks():
-    pattern = AShape(block=8, min_length=0, sink_blocks=1, local_blocks=2)
+    pattern = AShape(block=8, min_length=0, last_dense=0, sink_blocks=1, local_blocks=2)
     query, key = torch.randn(1, 2, 40, 4), torch.randn(1, 1, 40, 4)
     layout = pattern.layout(query, key, 0)
     for qb in range(5):
@@ -107,10 +107,10 @@ def test_sparse_prefill_through_the_cache_equals_dense_over_the_same_blocks(chun
 
     model = tiny_model("llama")
     prompt = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(1))
-    everything = AShape(block=8, min_length=0, sink_blocks=1, local_blocks=100)  # every causal block
+    everything = AShape(block=8, min_length=0, last_dense=0, sink_blocks=1, local_blocks=100)  # every causal block
     logits = {}
     for name, pattern in (("dense", None), ("all blocks", everything),
-                          ("ashape", AShape(block=8, min_length=0, local_blocks=2))):
+                          ("ashape", AShape(block=8, min_length=0, last_dense=0, local_blocks=2))):
         cache = make_cache(model, "full", sparse=pattern)
         logits[name] = prefill(model, prompt, cache, chunk_size=chunk)
         if name == "ashape":
@@ -186,7 +186,7 @@ def test_vertical_slash_finds_a_column_and_a_distance_by_hand():
     key[0, 0, 16:24] = 4.0  # block 2 attracts every query
     key[0, 0, 16:24, 1:] = 0.0
     query[..., 0] = 4.0
-    pattern = VerticalSlash(block=block, min_length=0, last_q=8, vertical=1, slash=0)
+    pattern = VerticalSlash(block=block, min_length=0, last_dense=0, last_q=8, vertical=1, slash=0)
     layout = pattern.layout(query, key, 0)[0, 0]
     for row in range(8):
         expected = {0, row} | ({2} if row >= 2 else set())
@@ -195,7 +195,7 @@ def test_vertical_slash_finds_a_column_and_a_distance_by_hand():
     query, key = torch.zeros(1, 1, n, n), torch.eye(n)[None, None] * 20
     for i in range(16, n):
         query[0, 0, i, i - 16] = 20
-    layout = VerticalSlash(block=block, min_length=0, last_q=8, vertical=0, slash=1).layout(query, key, 0)[0, 0]
+    layout = VerticalSlash(block=block, min_length=0, last_dense=0, last_q=8, vertical=0, slash=1).layout(query, key, 0)[0, 0]
     for row in range(8):
         # distance 16 is block distance 2; token distances 16..23 cross block distances 2 and 3
         expected = {0, row} | {c for c in (row - 3, row - 2) if c >= 0}
@@ -206,7 +206,7 @@ def test_moba_gates_by_mean_query_against_mean_key():
     torch.manual_seed(0)
     n, block = 48, 8
     query, key = torch.randn(1, 2, n, 4), torch.randn(1, 1, n, 4)
-    layout = MoBA(block=block, min_length=0, top_k=2).layout(query, key, 0)
+    layout = MoBA(block=block, min_length=0, last_dense=0, top_k=2).layout(query, key, 0)
     mean_q, mean_k = query.view(1, 2, 6, 8, 4).mean(3), key.view(1, 1, 6, 8, 4).mean(3)
     for h in range(2):
         for row in range(6):
@@ -215,9 +215,9 @@ def test_moba_gates_by_mean_query_against_mean_key():
             assert set(torch.nonzero(layout[0, h, row]).flatten().tolist()) == expected
 
 
-@pytest.mark.parametrize("pattern", [VerticalSlash(block=8, min_length=0, vertical=10, slash=0),
-                                     CumulativeMass(block=8, min_length=0, gamma=1.0, stride=4),
-                                     MoBA(block=8, min_length=0, top_k=10), Dense(block=8, min_length=0)])
+@pytest.mark.parametrize("pattern", [VerticalSlash(block=8, min_length=0, last_dense=0, vertical=10, slash=0),
+                                     CumulativeMass(block=8, min_length=0, last_dense=0, gamma=1.0, stride=4),
+                                     MoBA(block=8, min_length=0, last_dense=0, top_k=10), Dense(block=8, min_length=0, last_dense=0)])
 def test_each_pattern_at_its_widest_is_every_causal_block(pattern):
     torch.manual_seed(1)
     query, key = torch.randn(1, 4, 70, 8), torch.randn(1, 2, 70, 8)
@@ -229,8 +229,8 @@ def test_each_pattern_at_its_widest_is_every_causal_block(pattern):
 def test_patterns_keep_the_first_block_and_the_own_block_and_stay_causal():
     torch.manual_seed(2)
     query, key = torch.randn(1, 3, 100, 8), torch.randn(1, 1, 100, 8)
-    for pattern in (VerticalSlash(block=8, min_length=0, vertical=1, slash=1),
-                    CumulativeMass(block=8, min_length=0, gamma=0.5, stride=4)):
+    for pattern in (VerticalSlash(block=8, min_length=0, last_dense=0, vertical=1, slash=1),
+                    CumulativeMass(block=8, min_length=0, last_dense=0, gamma=0.5, stride=4)):
         layout = pattern.layout(query, key, 0)
         causal = causal_layout(1, 3, 100, 100, 8)
         assert not (layout & ~causal).any()
@@ -238,7 +238,19 @@ def test_patterns_keep_the_first_block_and_the_own_block_and_stay_causal():
         assert computed_fraction(layout, 100, 100, 8) < 0.9
     with pytest.raises(HeadwiseError, match="stride"):
         CumulativeMass(block=8, stride=3)
-    assert parse_pattern("mass:gamma=0.5").describe() == "mass:block=64,min_length=1024,gamma=0.5,stride=8"
+    assert parse_pattern("mass:gamma=0.5").describe() == ("mass:block=64,min_length=1024,last_dense=64,gamma=0.5,"
+                                                          "stride=8")
+
+
+def test_the_last_queries_of_a_forward_attend_densely():
+    query, key = torch.randn(1, 2, 40, 4), torch.randn(1, 1, 40, 4)
+    pattern = AShape(block=8, min_length=0, last_dense=10, local_blocks=1)
+    layout = pattern.layout(query, key, 0)
+    dense = causal_layout(1, 2, 40, 40, 8)
+    assert torch.equal(layout[:, :, 3:], dense[:, :, 3:])  # positions 30..39 fall in blocks 3 and 4
+    assert torch.nonzero(layout[0, 0, 2]).flatten().tolist() == [0, 2]
+    # a question of 10 tokens after a sealed context of 30: all dense
+    assert torch.equal(pattern.layout(query[:, :, 30:], key, 30), causal_layout(1, 2, 10, 40, 8, 30))
 
 
 def test_a_plan_from_a_profile_gives_each_head_its_pattern_through_the_cache(tmp_path):
@@ -253,8 +265,8 @@ def test_a_plan_from_a_profile_gives_each_head_its_pattern_through_the_cache(tmp
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
     profile = HeadProfile.load(synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]))
-    plan = plan_from_profile(profile, {"streaming": "ashape:block=8,min_length=0,local_blocks=2",
-                                       "retrieval": "dense", "other": "mass:block=8,min_length=0,gamma=0.5"})
+    plan = plan_from_profile(profile, {"streaming": "ashape:block=8,min_length=0, last_dense=0,local_blocks=2",
+                                       "retrieval": "dense", "other": "mass:block=8,min_length=0, last_dense=0,gamma=0.5"})
     assert plan["heads"] == [["retrieval", "streaming"], ["other", "streaming"], ["streaming", "other"]]
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))

@@ -34,26 +34,38 @@ class Pattern:
         Positions per block, for queries and keys.
     min_length : int
         Keys below which every causal block is computed (the dense path's answer exactly).
+    last_dense : int
+        The last queries of every forward attend to every causal block: a prompt's question, whose few queries
+        cost little and decide the answer (OpenVINO GenAI's ``num_last_dense_tokens_in_prefill``); a forward of
+        that many queries or fewer (a question after a sealed context) is dense throughout. Whole query blocks
+        are made dense, those holding any of these queries.
     """
 
     name: ClassVar[str] = ""
 
     block: int = 64
     min_length: int = 1024
+    last_dense: int = 64
 
     def __post_init__(self) -> None:
-        if self.block < 1 or self.min_length < 0:
-            raise HeadwiseError(f"sparse pattern '{self.name}': block must be >= 1 and min_length >= 0")
+        if self.block < 1 or self.min_length < 0 or self.last_dense < 0:
+            raise HeadwiseError(f"sparse pattern '{self.name}': block must be >= 1, min_length and last_dense >= 0")
 
     def layout(self, query: torch.Tensor, key: torch.Tensor, offset: int) -> torch.Tensor:
         """The blocks [B, Hq, Qb, Kb] computed for ``query`` [B, Hq, q, d] (at positions ``offset..``) over
-        ``key`` [B, Hkv, n, d]: every causal block below ``min_length`` keys, else :meth:`select`'s."""
+        ``key`` [B, Hkv, n, d]: every causal block below ``min_length`` keys, else :meth:`select`'s, with the
+        query blocks of the last ``last_dense`` queries dense."""
         b, hq, q, _ = query.shape
         n = key.shape[2]
-        dense = causal_layout(b, hq, q, n, self.block, offset)
-        if n < self.min_length:
+        dense = causal_layout(b, hq, q, n, self.block, offset).to(query.device)
+        if n < self.min_length or q <= self.last_dense:
             return dense
-        return self.select(query, key, offset) & dense
+        chosen = self.select(query, key, offset) & dense
+        if self.last_dense:
+            first = offset // self.block
+            tail = (offset + q - self.last_dense) // self.block - first  # the first query block holding them
+            chosen[:, :, tail:] = dense[:, :, tail:]
+        return chosen
 
     def select(self, query: torch.Tensor, key: torch.Tensor, offset: int) -> torch.Tensor:
         """The pattern's own blocks (anything past the causal ones is ignored)."""
