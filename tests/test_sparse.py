@@ -195,7 +195,8 @@ def test_vertical_slash_finds_a_column_and_a_distance_by_hand():
     query, key = torch.zeros(1, 1, n, n), torch.eye(n)[None, None] * 20
     for i in range(16, n):
         query[0, 0, i, i - 16] = 20
-    layout = VerticalSlash(block=block, min_length=0, last_dense=0, last_q=8, vertical=0, slash=1).layout(query, key, 0)[0, 0]
+    pattern = VerticalSlash(block=block, min_length=0, last_dense=0, last_q=8, vertical=0, slash=1)
+    layout = pattern.layout(query, key, 0)[0, 0]
     for row in range(8):
         # distance 16 is block distance 2; token distances 16..23 cross block distances 2 and 3
         expected = {0, row} | {c for c in (row - 3, row - 2) if c >= 0}
@@ -217,7 +218,8 @@ def test_moba_gates_by_mean_query_against_mean_key():
 
 @pytest.mark.parametrize("pattern", [VerticalSlash(block=8, min_length=0, last_dense=0, vertical=10, slash=0),
                                      CumulativeMass(block=8, min_length=0, last_dense=0, gamma=1.0, stride=4),
-                                     MoBA(block=8, min_length=0, last_dense=0, top_k=10), Dense(block=8, min_length=0, last_dense=0)])
+                                     MoBA(block=8, min_length=0, last_dense=0, top_k=10),
+                                     Dense(block=8, min_length=0, last_dense=0)])
 def test_each_pattern_at_its_widest_is_every_causal_block(pattern):
     torch.manual_seed(1)
     query, key = torch.randn(1, 4, 70, 8), torch.randn(1, 2, 70, 8)
@@ -265,8 +267,8 @@ def test_a_plan_from_a_profile_gives_each_head_its_pattern_through_the_cache(tmp
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
     profile = HeadProfile.load(synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]))
-    plan = plan_from_profile(profile, {"streaming": "ashape:block=8,min_length=0, last_dense=0,local_blocks=2",
-                                       "retrieval": "dense", "other": "mass:block=8,min_length=0, last_dense=0,gamma=0.5"})
+    plan = plan_from_profile(profile, {"streaming": "ashape:block=8,min_length=0,last_dense=0,local_blocks=2",
+                                       "retrieval": "dense", "other": "mass:block=8,min_length=0,last_dense=0,gamma=0.5"})
     assert plan["heads"] == [["retrieval", "streaming"], ["other", "streaming"], ["streaming", "other"]]
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
