@@ -267,8 +267,9 @@ def test_a_plan_from_a_profile_gives_each_head_its_pattern_through_the_cache(tmp
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
     profile = HeadProfile.load(synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]))
-    plan = plan_from_profile(profile, {"streaming": "ashape:block=8,min_length=0,last_dense=0,local_blocks=2",
-                                       "retrieval": "dense", "other": "mass:block=8,min_length=0,last_dense=0,gamma=0.5"})
+    small = "block=8,min_length=0,last_dense=0"
+    plan = plan_from_profile(profile, {"streaming": f"ashape:{small},local_blocks=2", "retrieval": "dense",
+                                       "other": f"mass:{small},gamma=0.5"})
     assert plan["heads"] == [["retrieval", "streaming"], ["other", "streaming"], ["streaming", "other"]]
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
