@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -134,8 +133,7 @@ def main() -> None:
         result = {"model": lm.name, "length": args.length, "contexts": args.contexts, "tokens": args.tokens,
                   "budget": args.budget, "instruction": INSTRUCTION, "rows": rows,
                   "full_nll": sum(per["full"]["nll"]) / len(per["full"]["nll"]), "continuations": continuations,
-                  "versions": runner.versions(), "machine": {"platform": platform.platform(),
-                                                              "threads": torch.get_num_threads()}}
+                  **runner.provenance()}
         write_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
 
 

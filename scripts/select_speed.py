@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ from headwise.generation import cache_bytes, prefill
 from headwise.models import load_model
 from headwise.report.html import write_atomic
 from headwise.select import parse_selector
+from headwise.specs import split
 
 RULES = "quest:budget=256;quest:budget=1024;tokenselect:budget=256;recycled:budget=256"
 
@@ -106,9 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tokens < 1 or args.rounds < 1:
         raise HeadwiseError("--tokens and --rounds must be at least 1")
-    rules = [r.strip() for r in args.rules.split(";") if r.strip()]
-    for rule in rules:
-        parse_selector(rule)  # a bad rule is refused before the model loads
+    rules = split(args.rules, parse_selector)  # a bad rule is refused before the model loads
     lengths = split_list(args.lengths, int, "length")
     set_threads(args.threads)
     if args.out:
@@ -116,8 +114,7 @@ def main() -> None:
     lm = load_model(args.model)
     result = {"model": lm.name, "tokens": args.tokens, "rounds": args.rounds,
               "lengths": [measure(lm, n, rules, args) for n in lengths],
-              "versions": runner.versions(), "machine": {"platform": platform.platform(),
-                                                          "threads": torch.get_num_threads()}}
+              **runner.provenance()}
     print("| context | config | tok/s | speed-up (median, range) | read | ceiling | same tokens as full |")
     print("|" + " --- |" * 7)
     for at in result["lengths"]:

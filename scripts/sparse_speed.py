@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from headwise.models import load_model
 from headwise.report.html import write_atomic
 from headwise.sparse import Pattern, parse_pattern
 from headwise.sparse.blocks import block_sparse_attention, causal_layout, computed_work
+from headwise.specs import split
 
 PATTERNS = "ashape;vertical_slash;mass;moba"
 
@@ -191,17 +191,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         raise HeadwiseError("--rounds must be at least 1")
-    specs = [s.strip() for s in args.patterns.split(";") if s.strip()]
-    for spec in specs:
-        parse_pattern(spec)  # a bad pattern is refused before the model loads
+    specs = split(args.patterns, parse_pattern)  # a bad pattern is refused before the model loads
     lengths = split_list(args.lengths, int, "length")
     set_threads(args.threads)
     if args.out:
         check_output_file(Path(args.out))
     lm = load_model(args.model)
     result = {"model": lm.name, "rounds": args.rounds, "lengths": [measure(lm, n, specs, args) for n in lengths],
-              "versions": runner.versions(), "machine": {"platform": platform.platform(),
-                                                          "threads": torch.get_num_threads()}}
+              **runner.provenance()}
     print("| prompt | config | computed | attention s (choosing) | vs dense | vs sdpa | prefill s | vs dense "
           "| vs sdpa | next token as dense |")
     print("|" + " --- |" * 10)

@@ -43,6 +43,7 @@ from headwise.generation import Sampling, decode, prefill, stop_token_ids
 from headwise.models import load_model
 from headwise.report.html import write_atomic
 from headwise.sparse import parse_pattern
+from headwise.specs import split
 
 OPENVINO_MODES = ("dense", "TRISHAPE", "XATTENTION")
 DEPTHS = {2048: (0.1, 0.5, 0.9), 4096: (0.5, 0.7, 0.9)}  # scripts/sweep.sh's needle depths
@@ -118,7 +119,7 @@ def main() -> None:
     unknown = sorted(set(names) - set(tasks.TASKS))
     if unknown:
         raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}")
-    patterns = {spec: parse_pattern(spec) for spec in (s.strip() for s in args.patterns.split(";")) if spec}
+    patterns = {spec: parse_pattern(spec) for spec in split(args.patterns, parse_pattern)}
     if args.out:
         check_output_file(Path(args.out))
     set_threads(args.threads)

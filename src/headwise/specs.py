@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from headwise.errors import HeadwiseError
@@ -42,3 +43,11 @@ def parse(registry: dict[str, type[T]], what: str, text: str) -> T:
             raise HeadwiseError(f"{what} option '{item}' is not KEY=VALUE")
         options[key.strip()] = value.strip()
     return build(registry, what, name.strip(), options)
+
+
+def split(text: str, check: Callable[[str], object]) -> list[str]:
+    """Several specs separated by ``;`` (``"quest:budget=256;recycled"``), each refused by ``check`` if bad."""
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    for item in items:
+        check(item)
+    return items
