@@ -154,7 +154,7 @@ def measure(lm, length: int, specs: list[str], args: argparse.Namespace) -> dict
                     lm.model.set_attn_implementation("sdpa")
                     cache = DynamicCache(config=lm.model.config)
                     start = time.perf_counter()
-                    out = forward(lm.model, cache, prompt).logits[:, -1]
+                    out = forward(lm.model, cache, prompt, logits_to_keep=1).logits[:, -1]  # as prefill() does
                 else:
                     cache = make_cache(lm.model, "full", sparse=patterns.get(name))
                     start = time.perf_counter()
