@@ -302,6 +302,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no results" in capsys.readouterr().err
     assert main(["bench", "--methods", "magic", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+    from headwise.bench.cli import check_methods
+
+    check_methods(["snapkv", "quest", "roles"])  # policies and selection rules are methods
     assert main(["bench", "--tasks", "passkey,trivia", "--out", str(tmp_path)]) == 2
     assert "unknown task(s) trivia" in capsys.readouterr().err
     assert main(["bench", "--ratios", "0.5,x", "--out", str(tmp_path)]) == 2

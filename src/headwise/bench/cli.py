@@ -57,10 +57,11 @@ def check_methods(methods: Sequence[str]) -> None:
     """Refuse unknown methods before anything runs."""
     try:
         from headwise.api import policy_names
+        from headwise.select import SELECTORS
     except ImportError:
         known = ["full"]
     else:
-        known = policy_names()
+        known = [*policy_names(), *SELECTORS]  # a selection rule runs as a method (runner.plan_arguments)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise HeadwiseError(f"unknown method(s) {', '.join(unknown)}: use one of {', '.join(known)}")
