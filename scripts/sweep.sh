@@ -9,6 +9,8 @@
 #   scripts/sweep.sh snapshot [LENGTH]   # kvpress's finished tasks only, for the published tables
 #                                        # (results/kvpress-LENGTH-complete.jsonl.gz)
 #   scripts/sweep.sh gate LENGTH [MODEL] # only the full-cache calibration gate (results/gates/MODEL-LENGTH/)
+#   scripts/sweep.sh sparse [LENGTH]     # the full cache with dense and with sparse prefill (results/sparse/)
+#   scripts/sweep.sh select [LENGTH]     # selection rules against eviction at equal tokens (results/select/)
 #
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
 # gets at least 25 answers per method and ratio, so four passing tasks give the headline at least 100; at 4K 12,
@@ -31,7 +33,20 @@ case $length in
     *) near=0.1,0.5,0.9 nearer=$near pairs=13 singles=25 ;;
 esac
 bench() {  # every group of tasks, the headline's two-question tasks first, with the arguments given
-    for group in "passkey $pairs 12 $near" "multikey $pairs 12 $nearer" "vartrack,qa,frequent $singles 24 $near"; do
+    groups passkey multikey vartrack,qa,frequent "$@"
+}
+groups() {  # the given groups of tasks (of passkey, multikey and a list of one-question tasks), with the arguments
+    local -a chosen=()
+    while [ $# -gt 0 ] && [[ $1 != -* ]]; do chosen+=("$1"); shift; done
+    local -a all=()
+    for names in "${chosen[@]}"; do
+        case $names in
+            passkey) all+=("passkey $pairs 12 $near") ;;
+            multikey) all+=("multikey $pairs 12 $nearer") ;;
+            *) all+=("$names $singles 24 $near") ;;
+        esac
+    done
+    for group in "${all[@]}"; do
         read -r names contexts calibration depths <<< "$group"
         .venv/bin/headwise bench --model "$model" --lengths "$length" --depths "$depths" --threads 1 --no-progress \
             --tasks "$names" --samples "$contexts" --calibration-samples "$calibration" "$@"
@@ -48,6 +63,14 @@ case $what in
             .venv-kvpress/bin/python scripts/peers/kvpress_runner.py --tasks "$out/tasks" --lengths "$length" \
                 --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --out "$store"
         done ;;
+    sparse)  # the gate is the headwise sweep's (same tasks and seeds): one calibration context here (the later wins)
+        groups passkey multikey vartrack,qa --methods full --calibration-samples 1 --out "results/sparse/$model-$length" \
+            --sparse ashape --sparse vertical_slash --sparse mass --sparse results/sparse/plan-smollm2-135m.json ;;
+    select)  # about 1024, 256 and 64 of the ~1.95K tokens at 2K; the rules' window is 16 so that 64 leaves pages
+        groups passkey multikey --calibration-samples 1 --out "results/select/$model-$length" \
+            --methods quest,tokenselect,recycled,roles,h2o,snapkv,streaming_llm --ratios 0.475,0.869,0.967 \
+            -o roles:profile=results/profiles/smollm2-135m/profile.json -o quest:window=16 \
+            -o tokenselect:window=16 -o recycled:window=16 -o roles:window=16 ;;
     gate)  # one reported context per task (the later --samples wins) is a by-product; only the gate is used
         bench --methods full --out "results/gates/$model-$length" --samples 1 ;;
     pack)
@@ -61,5 +84,5 @@ print(*notes, sep='\n')
 lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
 write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
 print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot or gate" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse or select" >&2; exit 2 ;;
 esac
