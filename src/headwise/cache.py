@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -187,12 +187,37 @@ def take_handoff(module: torch.nn.Module, key: torch.Tensor) -> CompressedLayer 
     return layer
 
 
+#: Tokens of room a head's tensors get when a decoding step outgrows them, so that decoding copies a head's
+#: tokens once every this many steps rather than at every step. The room is counted in the bytes held.
+DECODE_ROOM = 256
+
+
+def grown(current: torch.Tensor, new: torch.Tensor, room: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                       torch.Tensor | None]:
+    """``current`` [B, n, ...] with ``new`` [B, m, ...] appended along dim 1, and the buffer behind the result.
+
+    A single new token (a decoding step) is written into the room of ``room``, the buffer ``current`` starts,
+    when it has some; otherwise a buffer of ``DECODE_ROOM`` tokens more is allocated. Several new tokens (a
+    prefill) allocate exactly what they need, so a prefilled cache holds its tokens' bytes and no more.
+    """
+    n, m = current.shape[1], new.shape[1]
+    if room is not None and current.data_ptr() == room.data_ptr() and n + m <= room.shape[1]:
+        room[:, n : n + m] = new
+        return room[:, : n + m], room
+    if m != 1:
+        return torch.cat([current, new], dim=1), None
+    room = current.new_empty((current.shape[0], n + m + DECODE_ROOM, *current.shape[2:]))
+    room[:, :n], room[:, n : n + m] = current, new
+    return room[:, : n + m], room
+
+
 @dataclass
 class _Head:
     """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n], and its policy.
 
     With compensation, ``summary`` holds the mean key and value of the evicted tokens ([B, 1, d] each) and
-    ``evicted`` their count per row ([B], float); both stay None until the head first evicts.
+    ``evicted`` their count per row ([B], float); both stay None until the head first evicts. ``room`` holds,
+    per tensor name, the buffer with room for decoding steps that the tensor starts (see :func:`grown`).
     """
 
     policy: Policy
@@ -204,12 +229,18 @@ class _Head:
     evicted: torch.Tensor | None = None
     reads: Selector | None = None  # the decode-time selection rule this head follows (None: it reads all)
     selection: RuleState | None = None  # that rule's state for this head
+    room: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        self.keys = torch.cat([self.keys, keys], dim=1)
-        self.values = torch.cat([self.values, values], dim=1)
-        self.positions = torch.cat([self.positions, positions], dim=1)
-        self.state = torch.cat([self.state, keys.new_zeros(positions.shape)], dim=1)
+        new = {"keys": keys, "values": values, "positions": positions, "state": keys.new_zeros(positions.shape)}
+        for name, tensor in new.items():
+            value, self.room[name] = grown(getattr(self, name), tensor, self.room.get(name))
+            setattr(self, name, value)
+
+    def held(self, name: str) -> int:
+        """Bytes held for the tensor ``name``: its buffer's when it has room, else its own."""
+        tensor, room = getattr(self, name), self.room.get(name)
+        return room.nbytes if room is not None and tensor.data_ptr() == room.data_ptr() else tensor.nbytes
 
     def keep(self, index: torch.Tensor, compensate: bool = False, valid: torch.Tensor | None = None) -> None:
         """Keep the tokens at ``index`` [B, k] (sorted), allocating new tensors so the rest is freed.
@@ -265,9 +296,8 @@ class _Head:
         return keys, values, torch.cat([bias, mask], dim=-1)
 
     def nbytes(self) -> int:
-        """Bytes of the kept keys and values, and of the summary token."""
-        held = [self.keys, self.values, *(self.summary or ())]
-        return sum(t.nbytes for t in held)
+        """Bytes of the kept keys and values (their room for decoding included), and of the summary token."""
+        return self.held("keys") + self.held("values") + sum(t.nbytes for t in self.summary or ())
 
     def select_batch(self, index: torch.Tensor) -> None:
         self.keys, self.values = self.keys[index], self.values[index]
@@ -416,7 +446,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def metadata_bytes(self) -> int:
         """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts."""
-        return sum(h.positions.nbytes + h.state.nbytes + (h.evicted.nbytes if h.evicted is not None else 0)
+        return sum(h.held("positions") + h.held("state") + (h.evicted.nbytes if h.evicted is not None else 0)
                    + (h.selection.nbytes() if h.selection is not None else 0) for h in self.heads)
 
     def kept(self) -> list[int]:
@@ -717,7 +747,7 @@ class HeadwiseCache(Cache):
                 if head.summary is not None:
                     named |= {"summary_keys": head.summary[0], "summary_values": head.summary[1],
                               "evicted": head.evicted}
-                out |= {f"{i}.{h}.{name}": t.contiguous() for name, t in named.items()}
+                out |= {f"{i}.{h}.{name}": t.clone(memory_format=torch.contiguous_format) for name, t in named.items()}
         return out
 
     @classmethod
