@@ -295,3 +295,23 @@ def test_a_plan_from_a_profile_gives_each_head_its_pattern_through_the_cache(tmp
     path.write_text(json.dumps(plan))
     with pytest.raises(HeadwiseError, match="unknown sparse pattern 'nonsense'"):
         make_cache(model, "full", sparse=str(path))
+
+
+def test_sparse_plan_command_writes_an_editable_plan(tmp_path, capsys):
+    import json
+
+    from conftest import tiny_model
+    from headwise.cli import SPARSE_KINDS as KINDS
+    from headwise.cli import main
+    from headwise.sparse.plan import ROLE_PATTERNS
+    from test_headwise_policy import synthetic_profile
+
+    assert set(KINDS) == set(ROLE_PATTERNS)
+    profile = synthetic_profile(tiny_model("llama"), tmp_path, [["retrieval", "local"]] * 3, [[0.6, 0.0]] * 3)
+    out = tmp_path / "plan.json"
+    assert main(["sparse-plan", "--profile", profile, "--out", str(out), "--other", "moba:top_k=2"]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["patterns"] == {**ROLE_PATTERNS, "other": "moba:top_k=2"}
+    assert plan["heads"] == [["retrieval", "streaming"]] * 3 and "ashape 3, dense 3" in capsys.readouterr().out
+    assert out.read_text().count("\n") == 16  # one line per layer
+    assert main(["sparse-plan", "--profile", profile, "--out", str(out), "--streaming", "bogus"]) == 2

@@ -17,7 +17,6 @@ from headwise.errors import HeadwiseError, run_cli
 from headwise.profile.cli import add_profile
 from headwise.registry import DEFAULT_MODEL, REGISTRY
 from headwise.serve.cli import add_serve
-from headwise.sparse.cli import add_sparse_plan
 
 
 def _utf8(data: bytes, source: str) -> str:
@@ -146,6 +145,42 @@ def cmd_policies(args: argparse.Namespace) -> None:
             print(f"{flag} {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
             print(f"  options: {options}")
     print("--sparse PLAN.json: a pattern per KV head, from `headwise sparse-plan`")
+
+
+#: The head kinds of :func:`headwise.policies.headwise.head_kinds`, each with its pattern in a sparse plan (their
+#: defaults are :data:`headwise.sparse.plan.ROLE_PATTERNS`; not imported here, so the command line starts without
+#: torch).
+SPARSE_KINDS = ("streaming", "retrieval", "other")
+
+
+def cmd_sparse_plan(args: argparse.Namespace) -> None:
+    from headwise.checks import check_output_file
+    from headwise.profile.schema import HeadProfile
+    from headwise.report.html import write_atomic
+    from headwise.sparse.plan import ROLE_PATTERNS, SparsePlan, plan_from_profile, plan_text, resolve
+
+    out = check_output_file(Path(args.out))
+    profile = HeadProfile.load(args.profile)
+    patterns = {kind: getattr(args, kind) or default for kind, default in ROLE_PATTERNS.items()}
+    plan = plan_from_profile(profile, patterns, args.retrieval_threshold)
+    resolve(plan, "the plan")  # refuse a bad pattern before writing
+    write_atomic(out, plan_text(plan))
+    print(f"wrote {SparsePlan(str(out)).describe()}")
+
+
+def add_sparse_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sparse-plan", help="write a sparse prefill plan (a pattern per KV head) from a head profile",
+                       description="Each KV head's kind in the profile (streaming, retrieval, other) takes that "
+                                   "kind's pattern; edit the file to change any head. Use it with --sparse FILE.")
+    p.add_argument("--profile", required=True, help="profile.json from `headwise profile`")
+    p.add_argument("--out", required=True, help="the plan file to write (JSON)")
+    for kind in SPARSE_KINDS:
+        p.add_argument(f"--{kind}", default=None, metavar="PATTERN[:KEY=VALUE,...]",
+                       help=f"the pattern of {kind} heads ('dense' for the dense path; default: A-shape for streaming, "
+                            "dense for retrieval, cumulative mass for the others)")
+    p.add_argument("--retrieval-threshold", type=float, default=0.1,
+                   help="a KV head whose retrieval score reaches this is a retrieval head (default 0.1)")
+    p.set_defaults(func=cmd_sparse_plan)
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
