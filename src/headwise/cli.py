@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.select is not None:
         policy_note += f", decoding read {cache.read_fraction():.1%} of the cache"
     if args.sparse is not None:
-        policy_note += f", prefill computed {cache.computed_fraction():.1%} of the attention blocks"
+        policy_note += f", prefill computed {cache.computed_fraction():.1%} of the causal attention"
     print(
         f"[{lm.name}, {policy_note}] prompt {result.prompt_tokens} tokens, KV cache {result.kv_bytes / 2**20:.2f} MiB, "
         f"prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tokens/s",

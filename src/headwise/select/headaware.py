@@ -36,8 +36,9 @@ class SinksAndWindow(Selector):
 
 @dataclass
 class HeadAwareSelect(Selector):
-    """Per-head reads from a head profile: streaming heads their sinks and window, the others ``rule``'s pages,
-    the first ``dense_layers`` layers everything.
+    """Per-head reads from a head profile (streaming heads: sinks and window; others: ``rule``'s pages).
+
+    The first ``dense_layers`` layers read everything.
 
     ``profile`` is a ``profile.json`` from ``headwise profile`` for this model; KV heads whose retrieval score
     reaches ``retrieval_threshold`` count as retrieval heads whatever their role."""

@@ -27,8 +27,9 @@ class Recycled(RuleState):
 
 @dataclass
 class RecycledAttention(Selector):
-    """Attend fully every stride steps; in between, read the tokens the last full step attended most (Recycled
-    Attention)."""
+    """Attend fully every ``stride`` steps, and between them read what the last full step attended most.
+
+    Recycled Attention's rule: the tokens the last full step weighed most, within the budget."""
 
     name = "recycled"
 

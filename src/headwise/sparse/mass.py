@@ -48,8 +48,10 @@ def antidiagonal_mass(query: torch.Tensor, key: torch.Tensor, offset: int, block
 
 @dataclass
 class CumulativeMass(Pattern):
-    """Per query block, the fewest key blocks holding ``gamma`` of its antidiagonal-estimated attention, with
-    the first block and its own (FlexPrefill's threshold, XAttention's estimate)."""
+    """Per query block, the fewest key blocks holding ``gamma`` of its estimated attention (FlexPrefill).
+
+    The estimate is XAttention's antidiagonal scoring on ``stride x stride`` tiles; the first block and the
+    query block's own are always computed."""
 
     name = "mass"
 

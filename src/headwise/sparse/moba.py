@@ -31,8 +31,10 @@ def mean_blocks(x: torch.Tensor, block: int, offset: int) -> torch.Tensor:
 
 @dataclass
 class MoBA(Pattern):
-    """Each query block's own block and the ``top_k`` earlier blocks whose mean key its mean query scores
-    highest (MoBA's gate, training-free)."""
+    """Each query block's own block and the ``top_k`` earlier blocks its mean query gates highest (MoBA).
+
+    A block's gate is the dot product of the query block's mean query with the key block's mean key
+    (MoBA's gate, used training-free)."""
 
     name = "moba"
 

@@ -33,8 +33,10 @@ def last_query_attention(query: torch.Tensor, key: torch.Tensor, offset: int, la
 
 @dataclass
 class VerticalSlash(Pattern):
-    """The ``vertical`` key blocks and ``slash`` block distances the last ``last_q`` queries weigh most, with
-    the first block and each query block's own (MInference's vertical-slash)."""
+    """The key blocks and block distances the last queries weigh most (MInference's vertical-slash).
+
+    ``vertical`` key blocks and ``slash`` block distances, ranked by the attention of the last ``last_q``
+    queries, with the first block and each query block's own."""
 
     name = "vertical_slash"
 
