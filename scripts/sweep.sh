@@ -10,6 +10,7 @@
 #                                        # (results/kvpress-LENGTH-complete.jsonl.gz)
 #   scripts/sweep.sh gate LENGTH [MODEL] # only the full-cache calibration gate (results/gates/MODEL-LENGTH/)
 #   scripts/sweep.sh sparse [LENGTH]     # the full cache with dense and with sparse prefill (results/sparse/)
+#   scripts/sweep.sh sparse-dev [LENGTH] # wider sparse variants on a dev seed, to choose among (results/sparse/dev-*)
 #   scripts/sweep.sh select [LENGTH]     # selection rules against eviction at equal tokens (results/select/)
 #
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
@@ -65,7 +66,14 @@ case $what in
         done ;;
     sparse)  # the gate is the headwise sweep's (same tasks and seeds): one calibration context here (the later wins)
         groups passkey multikey vartrack,qa --methods full --calibration-samples 1 --out "results/sparse/$model-$length" \
-            --sparse ashape --sparse vertical_slash --sparse mass --sparse results/sparse/plan-smollm2-135m.json ;;
+            --sparse ashape --sparse vertical_slash --sparse mass --sparse results/sparse/plan-smollm2-135m.json \
+            --sparse results/sparse/plan-vs-smollm2-135m.json --sparse vertical_slash:vertical=16,slash=8 ;;
+    sparse-dev)  # wider variants on dev seed 1, 3 contexts per task; the cheapest that keeps the dense score is
+        # then reported on seed 0 (the last two --sparse of `sparse`)
+        groups passkey multikey vartrack,qa --methods full --calibration-samples 1 --samples 3 --seed 1 \
+            --out "results/sparse/dev-$model-$length" --sparse vertical_slash:vertical=16,slash=8 \
+            --sparse vertical_slash:vertical=32,slash=8 --sparse mass:gamma=0.95 \
+            --sparse results/sparse/plan-vs-smollm2-135m.json ;;
     select)  # about 1024, 256 and 64 of the ~1.95K tokens at 2K; the rules' window is 16 so that 64 leaves pages
         groups passkey multikey --calibration-samples 1 --out "results/select/$model-$length" \
             --methods quest,tokenselect,recycled,roles,h2o,snapkv,streaming_llm --ratios 0.475,0.869,0.967 \
@@ -84,5 +92,5 @@ print(*notes, sep='\n')
 lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
 write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
 print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse or select" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev or select" >&2; exit 2 ;;
 esac
