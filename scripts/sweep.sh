@@ -12,6 +12,8 @@
 #   scripts/sweep.sh sparse [LENGTH]     # the full cache with dense and with sparse prefill (results/sparse/)
 #   scripts/sweep.sh sparse-dev [LENGTH] # wider sparse variants on a dev seed, to choose among (results/sparse/dev-*)
 #   scripts/sweep.sh select [LENGTH]     # selection rules against eviction at equal tokens (results/select/)
+#   scripts/sweep.sh precision [LENGTH]  # the full cache and SnapKV at 75% in float32 and in bfloat16
+#                                        # (results/precision/MODEL-LENGTH-DTYPE/)
 #
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
 # gets at least 25 answers per method and ratio, so four passing tasks give the headline at least 100; at 4K 12,
@@ -79,6 +81,11 @@ case $what in
             --methods quest,tokenselect,recycled,roles,h2o,snapkv,streaming_llm --ratios 0.475,0.869,0.967 \
             -o roles:profile=results/profiles/smollm2-135m/profile.json -o quest:window=16 \
             -o tokenselect:window=16 -o recycled:window=16 -o roles:window=16 ;;
+    precision)  # the same tasks in both precisions (the gate is the headwise sweep's: one calibration context here)
+        for dtype in float32 bfloat16; do
+            groups passkey multikey vartrack,qa,frequent --methods full,snapkv --ratios 0.75 --calibration-samples 1 \
+                --dtype "$dtype" --out "results/precision/$model-$length-$dtype"
+        done ;;
     gate)  # one reported context per task (the later --samples wins) is a by-product; only the gate is used
         bench --methods full --out "results/gates/$model-$length" --samples 1 ;;
     pack)
@@ -92,5 +99,5 @@ print(*notes, sep='\n')
 lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
 write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
 print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev or select" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev, select or precision" >&2; exit 2 ;;
 esac

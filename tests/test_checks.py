@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -117,3 +118,20 @@ def test_scripts_refuse_bad_output_files_before_loading(script, args, tmp_path, 
     monkeypatch.setattr(sys, "argv", [script, *args, "--out", str(tmp_path)])
     with pytest.raises(HeadwiseError, match="is an existing folder"):
         module.main()
+
+
+def test_dtype_option_and_its_resolution() -> None:
+    from headwise.checks import DTYPES, add_dtype_option
+    from headwise.models import native_bfloat16, resolve_dtype
+
+    parser = argparse.ArgumentParser()
+    add_dtype_option(parser)
+    assert parser.parse_args([]).dtype == "float32"
+    assert parser.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--dtype", "float16"])
+    assert exc.value.code == 2
+    assert resolve_dtype("auto") == ("bfloat16" if native_bfloat16() else "float32")
+    assert {resolve_dtype(d) for d in DTYPES} <= {"float32", "bfloat16"}
+    with pytest.raises(HeadwiseError, match="unknown dtype"):
+        resolve_dtype("int8")

@@ -51,6 +51,7 @@ from headwise.budgets import (
     layer_fractions,
 )
 from headwise.errors import HeadwiseError
+from headwise.kernels import single_query_attention
 from headwise.policies.base import Policy
 from headwise.select.base import RuleState, Selector
 from headwise.sparse.base import Pattern
@@ -500,10 +501,12 @@ class CompressedLayer(CacheLayerMixin):
                 self._count(h, work, work)
             index = self._select(head, q_h) if q == 1 and self.plan.select is not None else None
             keys, values, mask = head.attended(allowed, q, index)
+            if q == 1:  # a decoding step: two products beat the fused kernel's one query block
+                outputs.append(single_query_attention(q_h, keys, values, mask, scaling))
+                continue
             outputs.append(
                 F.scaled_dot_product_attention(
-                    q_h, keys, values, attn_mask=mask, scale=scaling, is_causal=plain_causal and q > 1,
-                    enable_gqa=True,
+                    q_h, keys, values, attn_mask=mask, scale=scaling, is_causal=plain_causal, enable_gqa=True
                 )
             )
         self._feed_policy(query, attention_mask, scaling)

@@ -4,7 +4,8 @@
   that cannot be created or written, is refused up front, not after minutes of work;
 * :func:`check_chunk_size`: a prefill chunk is a positive number of tokens;
 * :func:`add_threads_option` and :func:`set_threads`: ``--threads``, torch's CPU threads, for every command
-  that runs a model.
+  that runs a model;
+* :func:`add_dtype_option`: ``--dtype``, the precision the model runs in (:func:`headwise.models.load_model`).
 
 Only the standard library is imported, so the scripts and the peer runners can use them too.
 """
@@ -78,6 +79,17 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is far faster on a machine shared with "
                         "other jobs, where 2-thread decoding stalls on oversubscribed cores")
+
+
+#: What ``--dtype`` takes: a precision, or ``auto`` for bfloat16 where the CPU computes it natively, else float32.
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``, given to :func:`headwise.models.load_model`."""
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="precision of the weights, activations and KV cache (default float32); auto: bfloat16 "
+                        "where the CPU has native bfloat16 instructions (avx512_bf16 or AMX), else float32")
 
 
 def set_threads(threads: int | None) -> None:

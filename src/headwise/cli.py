@@ -12,7 +12,7 @@ from pathlib import Path
 
 from headwise import __version__
 from headwise.bench.cli import add_bench
-from headwise.checks import add_threads_option
+from headwise.checks import add_dtype_option, add_threads_option
 from headwise.errors import HeadwiseError, run_cli
 from headwise.profile.cli import add_profile
 from headwise.registry import DEFAULT_MODEL, REGISTRY
@@ -93,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from headwise.api import make_plan
 
         make_plan("full", select=args.select, sparse=args.sparse)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     room = prompt_room(lm.info.context_length, args.max_new_tokens)
     ids = build_prompt(lm, text, chat=False if args.no_chat else None, max_tokens=room if args.truncate else None)
     check_length(ids, lm.info.context_length, args.max_new_tokens)
@@ -213,6 +213,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                         "selects, e.g. ashape:local_blocks=4 (see `headwise policies`), or a plan file from "
                         "`headwise sparse-plan` (PLAN.json); with or without --policy")
     add_threads_option(p)
+    add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the prompt is prefilled")
     p.set_defaults(func=cmd_generate)
 

@@ -44,7 +44,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     """Pick the next token id per row of ``logits`` (shape ``[batch, vocab]``)."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
+    logits = logits.float() / sampling.temperature  # a bfloat16 model's logits are too coarse to sample from
     if sampling.top_k:
         kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -6,12 +6,15 @@ config and the tokenizer under ``$HEADWISE_CACHE`` (default ``~/.cache/headwise`
 folder and take a few seconds.
 
 Besides the registry names, :func:`load_model` accepts a path to a local transformers folder or to a
-``.gguf`` file.
+``.gguf`` file. It runs the model in float32 or in bfloat16 (``dtype``); bfloat16 halves the bytes of the
+weights and of the KV cache, and on a CPU with native bfloat16 instructions its matrix products run several
+times faster (see BENCHMARKS.md, "Speed on CPU").
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import tempfile
 import time
@@ -38,6 +41,29 @@ class LoadedModel:
     instruct: bool
     load_seconds: float
     from_cache: bool
+    dtype: str = "float32"
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (x86's avx512_bf16 or AMX), read from /proc/cpuinfo
+    (Linux; False elsewhere, where headwise does not know)."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {word for line in text.splitlines() if line.startswith("flags") for word in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``"float32"`` or ``"bfloat16"`` for a ``--dtype`` value (``"auto"``: bfloat16 if :func:`native_bfloat16`)."""
+    if dtype == "auto":
+        return "bfloat16" if native_bfloat16() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise HeadwiseError(f"unknown dtype '{dtype}': use float32, bfloat16 or auto")
+    return dtype
 
 
 def _dequantize_to_cache(name: str, gguf: Path, target: Path) -> None:
@@ -62,9 +88,9 @@ def _dequantize_to_cache(name: str, gguf: Path, target: Path) -> None:
             shutil.rmtree(staging)
 
 
-def _load_folder(folder: Path) -> tuple[torch.nn.Module, object]:
+def _load_folder(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model, tokenizer
 
 
@@ -91,12 +117,15 @@ def resolve(name_or_path: str) -> tuple[str, Path, bool]:
     )
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, verbose: bool = False) -> LoadedModel:
-    """Load a registry model, a local transformers folder or a GGUF file, offline, in float32 on CPU.
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: str = "float32", verbose: bool = False) -> LoadedModel:
+    """Load a registry model, a local transformers folder or a GGUF file, offline, on CPU, in ``dtype``
+    (``"float32"``, ``"bfloat16"`` or ``"auto"``, see :func:`resolve_dtype`).
 
-    GGUF models are dequantized once and cached as safetensors (see :func:`cache_root`).
+    GGUF models are dequantized once and cached as float32 safetensors (see :func:`cache_root`).
     """
     name, path, is_gguf = resolve(name_or_path)
+    dtype = resolve_dtype(dtype)
+    torch_dtype = getattr(torch, dtype)
     start = time.perf_counter()
     from_cache = False
     if not verbose:
@@ -108,11 +137,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, verbose: bool = False) -> L
             from_cache = (folder / "model.safetensors").exists()
             if not from_cache:
                 _dequantize_to_cache(name, path, folder)
-            model, tokenizer = _load_folder(folder)
+            model, tokenizer = _load_folder(folder, torch_dtype)
             if not from_cache:  # the facts of the new folder, for `headwise models`
                 remember_info(ModelInfo.from_config(name, model.config), folder / "config.json")
         else:
-            model, tokenizer = _load_folder(path)
+            model, tokenizer = _load_folder(path, torch_dtype)
     except (OSError, ValueError) as exc:
         raise HeadwiseError(f"could not load model '{name_or_path}': {exc}") from exc
     model.eval()
@@ -125,4 +154,5 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, verbose: bool = False) -> L
         instruct=instruct,
         load_seconds=time.perf_counter() - start,
         from_cache=from_cache,
+        dtype=dtype,
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from headwise.bench.calibration import CALIBRATION_SEED
 from headwise.bench.tasks import TASKS
-from headwise.checks import add_threads_option, check_output_dir, check_output_file, set_threads
+from headwise.checks import add_dtype_option, add_threads_option, check_output_dir, check_output_file, set_threads
 from headwise.errors import HeadwiseError
 from headwise.registry import DEFAULT_MODEL
 
@@ -70,7 +70,7 @@ def check_methods(methods: Sequence[str]) -> None:
 def run_sweep(args: argparse.Namespace, out: Path) -> None:
     """Check every option, load the model, write the task files, and run the parts missing from the store."""
     from headwise.bench import runner, store, tasks
-    from headwise.models import load_model, resolve
+    from headwise.models import load_model, resolve, resolve_dtype
 
     set_threads(args.threads)
 
@@ -89,8 +89,9 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
         calibration_seed=args.calibration_seed, calibration_samples=args.calibration_samples, sparse=args.sparse,
+        dtype=resolve_dtype(args.dtype),
     )
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     too_long = [n for n in lengths if n > lm.info.context_length]
     if too_long:
         raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
@@ -182,6 +183,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                         "`headwise policies` and `headwise sparse-plan`); each answer is measured against the dense "
                         "full cache's")
     add_threads_option(p)
+    add_dtype_option(p)
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")
     p.add_argument("--direct-prefill", action="store_true",
                    help="prefill every cell on its own instead of sharing one dense prefill per context (the same "

@@ -164,10 +164,12 @@ class Cell:
     chunk_size: int | None = None
     calibration: bool = False
     fingerprint: str = ""
+    dtype: str = "float32"  # the model's precision (headwise.models.load_model)
 
     def key(self) -> str:
-        """Hash of every field that changes the result, with the resolved options (not as given)."""
-        identity = {k: v for k, v in asdict(self).items() if k != "options"}
+        """Hash of every field that changes the result, with the resolved options (not as given); float32, the
+        precision of every result before ``dtype`` was a field, is left out, so their keys stay the same."""
+        identity = {k: v for k, v in asdict(self).items() if k != "options" and (k, v) != ("dtype", "float32")}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:20]
 
     def part_key(self, context_id: str, digest: str) -> str:
@@ -214,6 +216,7 @@ def plan_cells(
     calibration_seed: int | None = CALIBRATION_SEED,
     calibration_samples: int | None = None,
     sparse: Sequence[str] = (),
+    dtype: str = "float32",
 ) -> list[Cell]:
     """The cells of a sweep: the calibration gate (the full cache on ``calibration_seed``, ``calibration_samples``
     contexts, default ``n_samples``; None: no gate), then per task and length the full cache and every method x
@@ -242,7 +245,7 @@ def plan_cells(
         raise HeadwiseError(
             f"options given for method(s) {', '.join(stray)}, which are not in the methods run ({', '.join(methods)})"
         )
-    common = dict(model=model, chunk_size=chunk_size, fingerprint=fingerprint())
+    common = dict(model=model, chunk_size=chunk_size, fingerprint=fingerprint(), dtype=dtype)
 
     def cell(method: str, ratio: float, task: str, length: int, protocol: str, extra: dict | None = None,
              **kw) -> Cell:

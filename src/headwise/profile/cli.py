@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from headwise.checks import add_threads_option
+from headwise.checks import add_dtype_option, add_threads_option
 from headwise.registry import DEFAULT_MODEL
 
 
@@ -29,7 +29,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     out = check_output_dir(Path(args.out))
     start = time.perf_counter()
     set_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     result = profile_model(lm, settings, progress=not args.quiet)
     paths = write_outputs(result, out)
     profile = result.profile
@@ -53,4 +53,5 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default="profile", help="output folder (default ./profile)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_threads_option(p)
+    add_dtype_option(p)
     p.set_defaults(func=cmd_profile)

@@ -57,9 +57,13 @@ INPUT_OPTIONS = ("profile",)
 def harmonize(record: dict) -> dict:
     """Bring a record to the report's fields: a peer's nested ``metrics`` and ``metadata`` lifted to the top,
     ``peak_rss_bytes``-style aliases renamed, a ``"<library>:"`` prefix dropped from the method name, and a
-    headwise method run with options named with them (``snapkv window=32``), so variants get rows of their own."""
+    headwise method run with options named with them (``snapkv window=32``), so variants get rows of their own,
+    and a model run in another precision than float32 named with it (``smollm2-135m bfloat16``), so that a table
+    never mixes precisions."""
     flat = {**record.get("metadata", {}), **record.get("metrics", {}), **record}
     flat = {ALIASES.get(k, k): v for k, v in flat.items()}
+    if flat.get("dtype", "float32") != "float32":
+        flat["model"] = f"{flat['model']} {flat['dtype']}"
     method = str(flat["method"]).removeprefix(f"{flat['library']}:")
     if flat["library"] == "headwise":
         options = sorted((k, v) for k, v in (flat.get("options") or {}).items() if k not in INPUT_OPTIONS)

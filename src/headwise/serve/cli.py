@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from headwise.checks import add_threads_option
+from headwise.checks import add_dtype_option, add_threads_option
 from headwise.errors import HeadwiseError
 from headwise.registry import DEFAULT_MODEL
 
@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from headwise.serve.engine import Engine
     from headwise.serve.metrics import Metrics
 
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     engine = Engine(lm, compression, ContextCache(cap), Metrics(), max_queue=args.max_queue,
                     contexts_dir=contexts_dir)
     name = args.served_name or lm.name
@@ -112,4 +112,5 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     add_threads_option(p)
+    add_dtype_option(p)
     p.set_defaults(func=cmd_serve)
