@@ -58,7 +58,7 @@ def test_generate_truncate_fits_the_context_minus_the_new_tokens(chat_lm, monkey
     import headwise.generation
     import headwise.models
 
-    monkeypatch.setattr(headwise.models, "load_model", lambda name: chat_lm)
+    monkeypatch.setattr(headwise.models, "load_model", lambda name, dtype="float32": chat_lm)
     assert main(["generate", "-n", "4", " ".join(WORDS)]) == 2
     assert "pass --truncate" in capsys.readouterr().err
     prompts = []

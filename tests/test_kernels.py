@@ -63,3 +63,29 @@ def test_bfloat16_decoding_steps_follow_float32() -> None:
             steps.append(out.logits[0, -1].float())
         logits[dtype] = torch.stack(steps)
     torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.05, rtol=0.05)
+
+
+@torch.inference_mode()
+def test_decoding_from_shared_room_equals_transformers_cache() -> None:
+    """Decoding steps past the end of one room (DECODE_ROOM) attend over all heads in one product, from buffers
+    the heads share, and give transformers' own cache's logits; the bytes held are the shared buffers'."""
+    from transformers import DynamicCache
+
+    from headwise.cache import DECODE_ROOM
+
+    model = tiny_model("llama")
+    ids = torch.arange(3, 40).view(1, -1)
+    tokens = torch.randint(0, 128, (DECODE_ROOM + 20,), generator=torch.Generator().manual_seed(0))
+    reference = DynamicCache(config=model.config)
+    model.set_attn_implementation("sdpa")
+    forward(model, reference, ids)
+    expected = [forward(model, reference, t.view(1, 1)).logits[0, -1] for t in tokens]
+    cache = make_cache(model, "full")
+    forward(model, cache, ids)
+    for step, (token, want) in enumerate(zip(tokens, expected, strict=True)):
+        got = forward(model, cache, token.view(1, 1)).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+    for layer in cache.compressed_layers:
+        stacked = layer._stacked()
+        assert stacked is not None and stacked[0].shape[2] == ids.shape[1] + len(tokens)
+        assert layer.nbytes() == layer.shared["keys"].nbytes + layer.shared["values"].nbytes

@@ -55,6 +55,7 @@ def openvino_pipeline(ir: Path, mode: str, threads: int) -> ov_genai.LLMPipeline
     config.cache_size = 2  # GB of KV blocks: a few 8K prompts
     config.max_num_batched_tokens = 16384  # a whole prompt in one prefill step
     config.dynamic_split_fuse = False
+    config.enable_prefix_caching = False  # a prompt run again must be prefilled again, to be timed
     if mode != "dense":
         config.use_sparse_attention = True
         sparse = ov_genai.SparseAttentionConfig()

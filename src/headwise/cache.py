@@ -334,6 +334,7 @@ class CompressedLayer(CacheLayerMixin):
         self.held_tokens = 0
         self.pairs_computed: dict[int, int] = {}  # prefill with a sparse plan: causal (query, key) pairs per KV
         self.pairs_causal: dict[int, int] = {}  # head (its query group), computed and all
+        self.shared: dict[str, torch.Tensor] = {}  # decoding room all heads share (see _share_room)
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -375,9 +376,51 @@ class CompressedLayer(CacheLayerMixin):
             check_prompt(self.plan, q)
             self.prompt_checked = True
         positions = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, q)
+        if q == 1:
+            self._share_room()
         for h, head in enumerate(self.heads):
             head.append(key_states[:, h], value_states[:, h], positions)
         self.seen += q
+
+    def _share_room(self) -> None:
+        """Before a decoding step that outgrows the heads' room, when every head holds as many tokens and no
+        summary: move them into buffers that all heads share (one per tensor, [B, H, room, ...]), each head's
+        tensors and room being views of its slice. Decoding steps then attend over all heads in one product
+        (:meth:`_stacked`), not head by head. The bytes held stay the same as with a room per head."""
+        self._release_shared()
+        n = self.heads[0].keys.shape[1]
+        if any(h.keys.shape[1] != n or h.summary is not None for h in self.heads):
+            return
+        room = self.heads[0].room.get("keys")
+        if room is not None and self.heads[0].keys.data_ptr() == room.data_ptr() and n < room.shape[1]:
+            return  # the heads still have room (each, or shared)
+        for name in ("keys", "values", "positions", "state"):
+            first = getattr(self.heads[0], name)
+            buffer = first.new_empty((first.shape[0], len(self.heads), n + 1 + DECODE_ROOM, *first.shape[2:]))
+            for i, head in enumerate(self.heads):
+                buffer[:, i, :n] = getattr(head, name)
+                head.room[name] = buffer[:, i].detach()  # its storage, but no autograd view: a step with grad
+                setattr(head, name, head.room[name][:, :n])  # enabled may write into room made without
+            self.shared[name] = buffer
+
+    def _release_shared(self) -> None:
+        """Drop the shared buffers once the heads hold their tokens elsewhere (after an eviction), so that
+        they are freed."""
+        if self.shared and self._stacked() is None:
+            self.shared = {}
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every head's keys and values [B, H, n, d] as views of the shared buffers, when all heads still hold
+        their tokens there (same count, nothing evicted since); None otherwise."""
+        keys, values = self.shared.get("keys"), self.shared.get("values")
+        if keys is None or values is None:
+            return None
+        n = self.heads[0].keys.shape[1]
+        for i, head in enumerate(self.heads):
+            if (head.keys.shape[1] != n or head.keys.data_ptr() != keys[:, i].data_ptr()
+                    or head.values.data_ptr() != values[:, i].data_ptr()):
+                return None
+        return keys[:, :, :n], values[:, :, :n]
 
     def absorb(
         self,
@@ -423,6 +466,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.heads = []
+        self.shared = {}
         self.seen = 0
         self.is_initialized = False
         self.prompt_checked = False
@@ -430,6 +474,7 @@ class CompressedLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for head in self.heads:
             head.select_batch(beam_idx.to(self.device))
+        self._release_shared()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -485,6 +530,12 @@ class CompressedLayer(CacheLayerMixin):
         """
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
+        one_product = q == 1 and attention_mask is None and self.plan.select is None and not torch.is_grad_enabled()
+        stacked = self._stacked() if one_product else None  # (the shared buffers record no gradient)
+        if stacked is not None:  # a decoding step over every head's tokens: one product for all heads
+            output = single_query_attention(query, *stacked, None, scaling)
+            self._feed_policy(query, attention_mask, scaling)
+            return output.transpose(1, 2)
         outputs = []
         sparse = self.plan.sparse is not None and q > 1 and self._only_causal(attention_mask, q)
         for h, head in enumerate(self.heads):
@@ -635,6 +686,7 @@ class CompressedLayer(CacheLayerMixin):
         for head, s, k, v in zip(self.heads, scores, counts, valid, strict=True):
             if k < s.shape[1]:
                 head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values, self.plan.compensate, v)
+        self._release_shared()
 
 
 class HeadwiseCache(Cache):

@@ -16,16 +16,18 @@ import torch
 def single_query_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Attention of one query per head, ``query`` [B, G, 1, d], over one KV head's ``keys`` and ``values``
-    [B, 1, n, d] (the G query heads of a GQA group share them).
+    """Attention of one query per head, ``query`` [B, Hq, 1, d], over ``keys`` and ``values`` [B, Hkv, n, d]
+    (GQA: each run of ``Hq / Hkv`` query heads shares one KV head).
 
     ``mask`` is None, a bool tensor (True: may attend) or an additive float tensor, of a shape that
-    broadcasts to [B, 1, 1, n]. Returns [B, G, 1, d], equal to ``scaled_dot_product_attention`` up to
+    broadcasts to [B, 1, 1, n]. Returns [B, Hq, 1, d], equal to ``scaled_dot_product_attention`` up to
     rounding: the products run in the inputs' dtype, the softmax in float32.
     """
-    columns = query.transpose(1, 2).transpose(-1, -2)  # [B, 1, d, G]: the group's queries side by side
-    scores = torch.matmul(keys, columns).transpose(-1, -2).float() * scale  # [B, 1, G, n]
+    b, hq, _, d = query.shape
+    hkv = keys.shape[1]
+    columns = query.reshape(b, hkv, hq // hkv, d).transpose(-1, -2)  # [B, Hkv, d, G]: a group's queries side by side
+    scores = torch.matmul(keys, columns).transpose(-1, -2).float() * scale  # [B, Hkv, G, n]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).transpose(1, 2)  # [B, G, 1, d]
+    return torch.matmul(weights, values).view(b, hq, 1, d)
