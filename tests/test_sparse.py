@@ -315,3 +315,20 @@ def test_sparse_plan_command_writes_an_editable_plan(tmp_path, capsys):
     assert plan["heads"] == [["retrieval", "streaming"]] * 3 and "ashape 3, dense 3" in capsys.readouterr().out
     assert out.read_text().count("\n") == 16  # one line per layer
     assert main(["sparse-plan", "--profile", profile, "--out", str(out), "--streaming", "bogus"]) == 2
+
+
+@pytest.mark.parametrize("spec", ["ashape", "vertical_slash", "mass", "moba"])
+def test_patterns_choose_the_same_blocks_in_bfloat16(spec: str) -> None:
+    """A bfloat16 model's queries and keys choose blocks as their float32 values would (selection scores in
+    float32), and the kernel computes them in bfloat16."""
+
+    torch.manual_seed(0)
+    pattern = parse_pattern(f"{spec}:block=16,min_length=0,last_dense=0")
+    query, key, value = torch.randn(1, 4, 128, 16), torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    q16, k16, v16 = (t.bfloat16() for t in (query, key, value))
+    layout = pattern.layout(q16, k16, 0)
+    assert torch.equal(layout, pattern.layout(q16.float(), k16.float(), 0))
+    out = block_sparse_attention(q16, k16, v16, layout, 16, 0.25, 0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), block_sparse_attention(q16.float(), k16.float(), v16.float(), layout, 16,
+                                                                   0.25, 0), atol=0.02, rtol=0.02)

@@ -214,7 +214,8 @@ def grown(current: torch.Tensor, new: torch.Tensor, room: torch.Tensor | None) -
 
 @dataclass
 class _Head:
-    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), state [B, n], and its policy.
+    """One KV head's kept tokens: keys/values [B, n, d], positions [B, n] (int32), the policy's state [B, n]
+    (float32, in any precision of the model), and its policy.
 
     With compensation, ``summary`` holds the mean key and value of the evicted tokens ([B, 1, d] each) and
     ``evicted`` their count per row ([B], float); both stay None until the head first evicts. ``room`` holds,
@@ -233,7 +234,8 @@ class _Head:
     room: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        new = {"keys": keys, "values": values, "positions": positions, "state": keys.new_zeros(positions.shape)}
+        state = torch.zeros(positions.shape, dtype=torch.float32, device=keys.device)  # float32 in any precision
+        new = {"keys": keys, "values": values, "positions": positions, "state": state}
         for name, tensor in new.items():
             value, self.room[name] = grown(getattr(self, name), tensor, self.room.get(name))
             setattr(self, name, value)
@@ -345,7 +347,7 @@ class CompressedLayer(CacheLayerMixin):
         positions = torch.zeros(b, 0, dtype=torch.int32, device=self.device)
         rule = self.plan.select
         self.heads = [
-            _Head(self.plan.policy.for_head(self.layer_idx, i), empty, empty, positions, key_states.new_zeros(b, 0),
+            _Head(self.plan.policy.for_head(self.layer_idx, i), empty, empty, positions, positions.to(torch.float32),
                   reads=rule.for_head(self.layer_idx, i) if rule is not None else None)
             for i in range(h)
         ]
@@ -626,9 +628,10 @@ class CompressedLayer(CacheLayerMixin):
         """Feed the policy the attention rows of the queries it needs, a block of queries at a time."""
         q = q_h.shape[2]
         first = 0 if needed is None else max(0, q - needed)
+        keys = head.keys[:, None].float().transpose(-1, -2)  # scores in float32 whatever the model's precision
         for start in range(first, q, QUERY_BLOCK):
             stop = min(q, start + QUERY_BLOCK)
-            logits = torch.matmul(q_h[:, :, start:stop], head.keys[:, None].transpose(-1, -2)) * scaling
+            logits = torch.matmul(q_h[:, :, start:stop].float(), keys) * scaling
             allowed = self._allowed(head, attention_mask, q, slice(start, stop))
             if allowed is not None:
                 logits = logits.masked_fill(~allowed, float("-inf"))

@@ -54,13 +54,14 @@ class Pattern:
     def layout(self, query: torch.Tensor, key: torch.Tensor, offset: int) -> torch.Tensor:
         """The blocks [B, Hq, Qb, Kb] computed for ``query`` [B, Hq, q, d] (at positions ``offset..``) over
         ``key`` [B, Hkv, n, d]: every causal block below ``min_length`` keys, else :meth:`select`'s, with the
-        query blocks of the last ``last_dense`` queries dense."""
+        query blocks of the last ``last_dense`` queries dense. :meth:`select` scores in float32 whatever the
+        model's precision."""
         b, hq, q, _ = query.shape
         n = key.shape[2]
         dense = causal_layout(b, hq, q, n, self.block, offset).to(query.device)
         if n < self.min_length or q <= self.last_dense:
             return dense
-        chosen = self.select(query, key, offset) & dense
+        chosen = self.select(query.float(), key.float(), offset) & dense
         if self.last_dense:
             first = offset // self.block
             tail = (offset + q - self.last_dense) // self.block - first  # the first query block holding them
