@@ -119,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         policy_note += f", prefill computed {cache.computed_fraction():.1%} of the causal attention"
     print(
         f"[{lm.name} {lm.dtype}, {policy_note}] prompt {result.prompt_tokens} tokens, "
-        f"KV cache {result.kv_bytes / 2**20:.2f} MiB, prefill {result.prefill_seconds:.2f} s, decode {result.decode_tokens_per_second:.1f} tokens/s",
+        f"KV cache {result.kv_bytes / 2**20:.2f} MiB, prefill {result.prefill_seconds:.2f} s, "
+        f"decode {result.decode_tokens_per_second:.1f} tokens/s",
         file=sys.stderr,
     )
 
