@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -36,7 +37,7 @@ from headwise.report.html import write_atomic
 
 #: Operator names (substrings) per part of the time, first match wins.
 PARTS = {
-    "attention": ("scaled_dot_product", "flash_attention", "bmm", "softmax"),
+    "attention": ("scaled_dot_product", "flash_attention", "bmm", "softmax", "attention", "attend"),
     "linear layers": ("aten::mm", "aten::addmm", "aten::linear"),
     "copies": ("aten::cat", "aten::copy_", "aten::_to_copy", "aten::index", "aten::gather"),
 }
@@ -66,7 +67,7 @@ class Frame:
 
 def folded_tree(lines: Iterable[str]) -> Frame:
     """The call tree of folded stacks (``outer;inner;leaf value`` per line)."""
-    root = Frame("all")
+    root = Frame("all (from the outermost module)")
     for line in lines:
         stack, _, value = line.rstrip().rpartition(" ")
         if not stack:
@@ -77,12 +78,6 @@ def folded_tree(lines: Iterable[str]) -> Frame:
             node = node.children.setdefault(name, Frame(name))
             node.value += float(value)
     return root
-
-
-def short(name: str) -> str:
-    """``path/to/file.py(12): function`` as ``file.py:function``."""
-    where, _, function = name.partition(": ")
-    return f"{Path(where.split('(')[0]).name}:{function}" if function else name
 
 
 def flame_graph(root: Frame, path: Path, title: str, depth: int = 28) -> None:
@@ -103,7 +98,7 @@ def flame_graph(root: Frame, path: Path, title: str, depth: int = 28) -> None:
                 edgecolor="white", linewidth=0.3)
         width = node.value / total
         if width > 0.04:
-            ax.text(x + 0.002, level, short(node.name)[: int(width * 160)], va="center", fontsize=6.5)
+            ax.text(x + 0.002, level, node.name[: int(width * 160)], va="center", fontsize=6.5)
         for child in sorted(node.children.values(), key=lambda c: -c.value):
             draw(child, x, level + 1)
             x += child.value / total
@@ -121,8 +116,45 @@ def flame_graph(root: Frame, path: Path, title: str, depth: int = 28) -> None:
     tmp.replace(path)
 
 
+#: Frames left out of the stacks: the module-call machinery, transformers' decorators, the profiler and the Python
+#: wrappers of built-ins.
+NOISE = ("torch/nn/modules/module.py(", "<built-in", "utils/generic.py(", "utils/deprecation.py(",
+         "output_capturing.py(", "torch/profiler/", "torch/autograd/profiler")
+
+
+def frame(name: str) -> str:
+    """An event's name as a frame of the graph: ``path/file.py(12): function`` as ``file.py:function``, and a
+    module's instance number dropped (``nn.Module: LlamaDecoderLayer_3`` as ``LlamaDecoderLayer``), so that the
+    layers' calls add up."""
+    if name.startswith("nn.Module: "):
+        return re.sub(r"_\d+$", "", name.removeprefix("nn.Module: "))
+    where, _, function = name.partition(": ")
+    if function and where.endswith(")"):
+        return f"{Path(where.split('(')[0]).name}:{function}"
+    return name
+
+
+def export_stacks(prof: profile, path: Path) -> None:
+    """The profile's folded stacks of self CPU microseconds (``outer;inner;leaf value`` per line), from each
+    event's chain of parents (Python frames, modules, operators) starting at the outermost module, written
+    whole or not at all."""
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        chain, parent = [event], event.cpu_parent
+        while parent is not None:
+            chain.append(parent)
+            parent = parent.cpu_parent
+        names = [e.name for e in reversed(chain) if not any(k in e.name for k in NOISE)]
+        start = next((i for i, n in enumerate(names) if n.startswith("nn.Module: ")), None)
+        if start is None or any(k in event.name for k in NOISE):
+            continue
+        stack = ";".join(frame(n).replace(" ", "_") for n in names[start:])
+        totals[stack] = totals.get(stack, 0.0) + event.self_cpu_time_total
+    write_atomic(path, "".join(f"{stack} {value:.0f}\n" for stack, value in totals.items() if value >= 1))
+
+
 def profiled(run, with_stack: bool = True) -> profile:
-    with profile(activities=[ProfilerActivity.CPU], with_stack=with_stack) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_stack=with_stack, with_modules=True) as prof:
         run()
     return prof
 
@@ -143,6 +175,7 @@ def main() -> None:
     if args.policy not in policy_names():
         raise HeadwiseError(f"unknown policy '{args.policy}': use one of {', '.join(policy_names())}")
     out = check_output_dir(Path(args.out))
+    out.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype)
     sample = tasks.generate("passkey", args.length, 1, 0, tasks.token_counter(lm.tokenizer), tokenizer_name=lm.name,
@@ -166,10 +199,10 @@ def main() -> None:
         cache = fresh()
         prof = profiled(lambda: forward(lm.model, cache, ids, logits_to_keep=1))
         result["prefill"] = dict(zip(("top", "split_ms"), operator_table(prof, 1), strict=True))
-        prof.export_stacks(str(out / "prefill.folded"), "self_cpu_time_total")
+        export_stacks(prof, out / "prefill.folded")
         prof = profiled(lambda: [forward(lm.model, cache, token) for _ in range(args.steps)])
         result["decode_step"] = dict(zip(("top", "split_ms"), operator_table(prof, args.steps), strict=True))
-        prof.export_stacks(str(out / "decode.folded"), "self_cpu_time_total")
+        export_stacks(prof, out / "decode.folded")
     for stage, label in (("prefill", "one prefill"), ("decode", f"{args.steps} decoding steps")):
         tree = folded_tree((out / f"{stage}.folded").read_text().splitlines())
         flame_graph(tree, out / f"flame-{stage}.png",

@@ -87,5 +87,5 @@ def test_decoding_from_shared_room_equals_transformers_cache() -> None:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     for layer in cache.compressed_layers:
         stacked = layer._stacked()
-        assert stacked is not None and stacked[0].shape[2] == ids.shape[1] + len(tokens)
+        assert stacked is not None and stacked[2] == ids.shape[1] + len(tokens)
         assert layer.nbytes() == layer.shared["keys"].nbytes + layer.shared["values"].nbytes

@@ -398,7 +398,7 @@ class CompressedLayer(CacheLayerMixin):
             return  # the heads still have room (each, or shared)
         for name in ("keys", "values", "positions", "state"):
             first = getattr(self.heads[0], name)
-            buffer = first.new_empty((first.shape[0], len(self.heads), n + 1 + DECODE_ROOM, *first.shape[2:]))
+            buffer = first.new_zeros((first.shape[0], len(self.heads), n + 1 + DECODE_ROOM, *first.shape[2:]))
             for i, head in enumerate(self.heads):
                 buffer[:, i, :n] = getattr(head, name)
                 head.room[name] = buffer[:, i].detach()  # its storage, but no autograd view: a step with grad
@@ -411,9 +411,10 @@ class CompressedLayer(CacheLayerMixin):
         if self.shared and self._stacked() is None:
             self.shared = {}
 
-    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every head's keys and values [B, H, n, d] as views of the shared buffers, when all heads still hold
-        their tokens there (same count, nothing evicted since); None otherwise."""
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """The shared buffers of keys and values [B, H, room, d] and the count ``n`` of tokens every head holds
+        in them, when all heads still hold their tokens there (same count, nothing evicted since); None
+        otherwise. The room past ``n`` holds zeros."""
         keys, values = self.shared.get("keys"), self.shared.get("values")
         if keys is None or values is None:
             return None
@@ -422,7 +423,7 @@ class CompressedLayer(CacheLayerMixin):
             if (head.keys.shape[1] != n or head.keys.data_ptr() != keys[:, i].data_ptr()
                     or head.values.data_ptr() != values[:, i].data_ptr()):
                 return None
-        return keys[:, :, :n], values[:, :, :n]
+        return keys, values, n
 
     def absorb(
         self,
@@ -534,8 +535,10 @@ class CompressedLayer(CacheLayerMixin):
         group = hq // len(self.heads)
         one_product = q == 1 and attention_mask is None and self.plan.select is None and not torch.is_grad_enabled()
         stacked = self._stacked() if one_product else None  # (the shared buffers record no gradient)
-        if stacked is not None:  # a decoding step over every head's tokens: one product for all heads
-            output = single_query_attention(query, *stacked, None, scaling)
+        if stacked is not None:  # a decoding step over every head's tokens: one product for all heads, over the
+            keys, values, n = stacked  # whole buffers (contiguous: a slice of them would be copied by the product)
+            held = torch.arange(keys.shape[2], device=self.device) < n  # and the zeros of the room masked out
+            output = single_query_attention(query, keys, values, held, scaling)
             self._feed_policy(query, attention_mask, scaling)
             return output.transpose(1, 2)
         outputs = []
