@@ -2,7 +2,7 @@
 
 PyTorch's fused CPU attention (the flash kernel behind ``scaled_dot_product_attention``) parallelises over
 query blocks. A decoding step has one query per head, so it gets no parallelism from them, and in bfloat16
-it runs several times slower than two plain matrix products (measured in ``scripts/speed_profile.py``).
+it runs several times slower than two plain matrix products (BENCHMARKS.md, "Speed on CPU").
 :func:`single_query_attention` is those two products. The scores come out as ``keys @ queries^T``, one
 row per key: with the few query heads of a group as the short side, that product runs at the speed of
 reading the keys, in bfloat16 as in float32, where ``queries @ keys^T`` takes several times longer.
