@@ -15,6 +15,7 @@
 #   scripts/sweep.sh precision [LENGTH]  # the full cache and SnapKV at 75% in float32 and in bfloat16
 #                                        # (results/precision/MODEL-LENGTH-DTYPE/)
 #
+# Every sweep runs in float32, the precision of the stores behind the tables (the precision sweep passes its own).
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
 # gets at least 25 answers per method and ratio, so four passing tasks give the headline at least 100; at 4K 12,
 # so four give 48. The gate's calibration seed gets 24 answers per task at both lengths.
@@ -52,7 +53,7 @@ groups() {  # the given groups of tasks (of passkey, multikey and a list of one-
     for group in "${all[@]}"; do
         read -r names contexts calibration depths <<< "$group"
         .venv/bin/headwise bench --model "$model" --lengths "$length" --depths "$depths" --threads 1 --no-progress \
-            --tasks "$names" --samples "$contexts" --calibration-samples "$calibration" "$@"
+            --dtype float32 --tasks "$names" --samples "$contexts" --calibration-samples "$calibration" "$@"
     done
 }
 case $what in
@@ -64,7 +65,7 @@ case $what in
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import unpack; unpack(Path('$store'))"
         for names in passkey,multikey vartrack,qa frequent; do  # the headline's tasks first
             .venv-kvpress/bin/python scripts/peers/kvpress_runner.py --tasks "$out/tasks" --lengths "$length" \
-                --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --out "$store"
+                --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --dtype float32 --out "$store"
         done ;;
     sparse)  # the gate is the headwise sweep's (same tasks and seeds): one calibration context here (the later wins)
         groups passkey multikey vartrack,qa --methods full --calibration-samples 1 --out "results/sparse/$model-$length" \

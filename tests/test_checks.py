@@ -126,7 +126,7 @@ def test_dtype_option_and_its_resolution() -> None:
 
     parser = argparse.ArgumentParser()
     add_dtype_option(parser)
-    assert parser.parse_args([]).dtype == "float32"
+    assert parser.parse_args([]).dtype == "auto"
     assert parser.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
     with pytest.raises(SystemExit) as exc:
         parser.parse_args(["--dtype", "float16"])

@@ -29,6 +29,9 @@ key at every attention call) and keep full-size tensors, so their ``kv_bytes`` i
 ``kv_bytes_unmasked`` says what dropping the masked entries would hold. Peak memory does not fall for any press:
 they all compress after the whole context is prefilled.
 
+The model runs in ``--dtype`` (the same choices and default as ``headwise bench``; a cell records it), so that
+both libraries of one table run at the same precision.
+
 Records are the part records of :func:`headwise.bench.runner.run_part` (one per cell x context) with
 ``library: "kvpress"``, ``peer_method`` (the kvpress class), ``masks_only`` and ``kv_bytes_unmasked``. Method
 names are headwise's where the method is the same (``snapkv``, ``tova``, ``knorm``, ``streaming_llm``). A cell's
@@ -69,9 +72,10 @@ from headwise.bench.calibration import CALIBRATION_SEED, FULL
 from headwise.bench.runner import Cell, Context, context_digest, contexts
 from headwise.bench.store import read_records
 from headwise.bench.tasks import SEPARATOR, Sample, read_samples
+from headwise.checks import add_dtype_option
 from headwise.compat import cache_kwargs, forward
 from headwise.errors import HeadwiseError
-from headwise.models import LoadedModel, load_model
+from headwise.models import LoadedModel, load_model, resolve_dtype
 from headwise.registry import cached_folder
 
 LIBRARY = "kvpress"
@@ -205,10 +209,12 @@ def plan_cells(
     length: int,
     n_contexts: int,
     seed: int,
+    dtype: str = "float32",
 ) -> list[Cell]:
-    """The cells of one task and length: the no-press cell, then every press x ratio."""
+    """The cells of one task and length: the no-press cell, then every press x ratio, in the model's ``dtype``."""
     common = dict(
         model=model,
+        dtype=dtype,
         task=task,
         length=length,
         protocol=PROTOCOL,
@@ -384,7 +390,7 @@ def sweep(
     """Run every part not yet in ``store`` through headwise's sweep (:func:`headwise.bench.runner.sweep`: the
     no-press cell first on each context, each record appended as it is done), with kvpress building the caches."""
     cells = [c for (task, length, seed), group in work.items()
-             for c in plan_cells(lm.name, specs, presses, ratios, task, length, len(group), seed)]
+             for c in plan_cells(lm.name, specs, presses, ratios, task, length, len(group), seed, lm.dtype)]
 
     def extra(ctx: Context, cell: Cell, record: dict) -> dict:
         fields = press_fields(ctx, cell, record)
@@ -405,11 +411,11 @@ def csv_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def peer_model(name: str) -> LoadedModel:
-    """A model as headwise loads it: its dequantized folder under headwise's cache when there is one (no need
-    for the registry package in this venv), else by name or path."""
+def peer_model(name: str, dtype: str = "float32") -> LoadedModel:
+    """A model as headwise loads it, in ``dtype``: its dequantized folder under headwise's cache when there is one
+    (no need for the registry package in this venv), else by name or path."""
     folder = cached_folder(name)
-    return load_model(str(folder) if (folder / "config.json").exists() else name)
+    return load_model(str(folder) if (folder / "config.json").exists() else name, dtype=dtype)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -432,6 +438,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="results store (appended; parts already in it are skipped)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    add_dtype_option(p)
     p.add_argument(
         "--allow-mixed-versions",
         action="store_true",
@@ -481,7 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         done = {r["key"] for r in read_records(args.out)}
         for (task, length, seed), group in work.items():
-            for cell in plan_cells(args.model, specs, presses, ratios, task, length, len(group), seed):
+            for cell in plan_cells(args.model, specs, presses, ratios, task, length, len(group), seed,
+                                   resolve_dtype(args.dtype)):
                 todo = sum(cell.part_key(q[0].context_id, context_digest(q)) not in done for q in group)
                 print(
                     f"{cell.method:25s} {cell.ratio:<5g} {task}-{length}-s{seed}: {todo}/{len(group)} contexts to run"
@@ -489,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     logging.getLogger("kvpress").setLevel(logging.ERROR)  # KVzip warns of its cost at every construction
-    lm = peer_model(args.model)
+    lm = peer_model(args.model, args.dtype)
     start = time.perf_counter()
     records = sweep(
         lm,

@@ -87,9 +87,10 @@ DTYPES = ("float32", "bfloat16", "auto")
 
 def add_dtype_option(parser: argparse.ArgumentParser) -> None:
     """``--dtype``, given to :func:`headwise.models.load_model`."""
-    parser.add_argument("--dtype", choices=DTYPES, default="float32",
-                        help="precision of the weights, activations and KV cache (default float32); auto: bfloat16 "
-                        "where the CPU has native bfloat16 instructions (avx512_bf16 or AMX), else float32")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="precision of the weights, activations and KV cache; auto (the default): bfloat16 where "
+                        "the CPU has native bfloat16 instructions (avx512_bf16 or AMX), whose answers matched "
+                        "float32's on the benchmark's calibrated tasks (BENCHMARKS.md), else float32")
 
 
 def set_threads(threads: int | None) -> None:
