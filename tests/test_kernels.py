@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import tiny_model
+from conftest import tiny_model
 
 from headwise.api import make_cache
 from headwise.compat import forward
