@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
 
+from conftest import tiny_model
 from headwise.api import make_cache
 from headwise.compat import forward
 from headwise.kernels import single_query_attention
