@@ -87,6 +87,11 @@ def flame_graph(root: Frame, path: Path, title: str, depth: int = 28) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def height(node: Frame) -> int:
+        return 1 + max((height(c) for c in node.children.values() if c.value / (root.value or 1.0) >= 0.002),
+                       default=0)
+
+    depth = min(depth, height(root))
     fig, ax = plt.subplots(figsize=(16, 0.32 * depth + 1.5))
     total = root.value or 1.0
     colors = {"attention": "#d9534f", "linear layers": "#f0ad4e", "copies": "#5bc0de", "other": "#9fb7c9"}

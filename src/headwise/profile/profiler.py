@@ -241,6 +241,7 @@ def profile_model(lm: LoadedModel, settings: ProfileSettings | None = None, *, p
             "length": settings.length, "repeat_length": settings.repeat_length, "runs": settings.runs,
             "seed": settings.seed, "max_new_tokens": settings.max_new_tokens,
             "windows": list(settings.capture.windows), "n_sink": settings.capture.n_sink, "chat": lm.instruct,
+            "dtype": lm.dtype,
             "prose": f"docstrings of {len(STDLIB_MODULES)} standard-library modules, Python {python_version()}",
         },
         thresholds=asdict(th),
