@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from headwise.api import make_cache
-from headwise.bench import protocol, runner, tasks
+from headwise.bench import protocol, runner
 from headwise.bench.cli import split_list
 from headwise.checks import check_output_file, set_threads
 from headwise.compat import forward
@@ -57,10 +57,7 @@ def decode(lm, cache, first: torch.Tensor, tokens: int) -> tuple[float, list[int
 
 
 def measure(lm, length: int, rules: list[str], args: argparse.Namespace) -> dict:
-    sample = tasks.generate("passkey", length, 1, 0, tasks.token_counter(lm.tokenizer), tokenizer_name=lm.name,
-                            depths=(0.5,))[0]
-    head, tail = protocol.prompt_parts(lm, sample)
-    ids = head + tail
+    sample, ids = protocol.timing_prompt(lm, length)
     if len(ids) + args.tokens > lm.model.config.max_position_embeddings:
         raise HeadwiseError(f"{len(ids)} prompt tokens and {args.tokens} more exceed the model's context")
     cache = make_cache(lm.model, "full", prompt_length=len(ids))

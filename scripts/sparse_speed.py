@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from headwise.api import make_cache
-from headwise.bench import protocol, runner, tasks
+from headwise.bench import protocol, runner
 from headwise.bench.cli import split_list
 from headwise.checks import check_output_file, set_threads
 from headwise.compat import forward
@@ -124,10 +124,7 @@ def ratios(seconds: dict[str, list[float]], name: str, base: str) -> dict:
 
 
 def measure(lm, length: int, specs: list[str], args: argparse.Namespace) -> dict:
-    sample = tasks.generate("passkey", length, 1, 0, tasks.token_counter(lm.tokenizer), tokenizer_name=lm.name,
-                            depths=(0.5,))[0]
-    head, tail = protocol.prompt_parts(lm, sample)
-    ids = head + tail
+    ids = protocol.timing_prompt(lm, length)[1]
     if len(ids) > lm.model.config.max_position_embeddings:
         raise HeadwiseError(f"{len(ids)} prompt tokens exceed the model's context")
     layers = record(lm, ids)

@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from headwise.api import make_cache, policy_names
-from headwise.bench import protocol, tasks
+from headwise.bench import protocol
 from headwise.checks import DTYPES, check_output_dir, set_threads
 from headwise.compat import forward
 from headwise.errors import HeadwiseError, run_cli
@@ -158,8 +158,8 @@ def export_stacks(prof: profile, path: Path) -> None:
     write_atomic(path, "".join(f"{stack} {value:.0f}\n" for stack, value in totals.items() if value >= 1))
 
 
-def profiled(run, with_stack: bool = True) -> profile:
-    with profile(activities=[ProfilerActivity.CPU], with_stack=with_stack, with_modules=True) as prof:
+def profiled(run) -> profile:
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True, with_modules=True) as prof:
         run()
     return prof
 
@@ -183,11 +183,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     set_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype)
-    sample = tasks.generate("passkey", args.length, 1, 0, tasks.token_counter(lm.tokenizer), tokenizer_name=lm.name,
-                            depths=(0.5,))[0]
-    head, tail = protocol.prompt_parts(lm, sample)
-    ids = torch.tensor([head + tail])
-    token = torch.tensor([[head[-1]]])
+    prompt = protocol.timing_prompt(lm, args.length)[1]
+    ids = torch.tensor([prompt])
+    token = torch.tensor([[prompt[-1]]])
 
     def fresh():
         return make_cache(lm.model, args.policy, ratio=args.ratio, prompt_length=ids.shape[1])

@@ -48,7 +48,7 @@ from openvino_sparse import openvino_pipeline  # this folder is on the path of a
 from transformers import DynamicCache
 
 from headwise.api import make_cache, policy_names
-from headwise.bench import protocol, tasks
+from headwise.bench import protocol
 from headwise.bench.cli import split_list
 from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
@@ -57,14 +57,6 @@ from headwise.models import LoadedModel, load_model, resolve_dtype
 from headwise.report.html import write_atomic
 from headwise.sparse import parse_pattern
 from headwise.specs import split
-
-
-def prompt_ids(lm: LoadedModel, length: int) -> list[int]:
-    """The benchmark's first passkey prompt of ``length`` tokens (seed 0, depth 0.5), question included."""
-    sample = tasks.generate("passkey", length, 1, 0, tasks.token_counter(lm.tokenizer), tokenizer_name=lm.name,
-                            depths=(0.5,))[0]
-    head, tail = protocol.prompt_parts(lm, sample)
-    return head + tail
 
 
 def run_openvino(pipe: ov_genai.LLMPipeline, ids: list[int], new_tokens: int) -> tuple[float, float]:
@@ -149,7 +141,7 @@ def main() -> None:
             return run_torch(m, DynamicCache(config=m.model.config), ids, args.new_tokens)
         configs[f"transformers {dtype}"] = baseline
 
-    prompts = {length: prompt_ids(lm, length) for length in lengths}
+    prompts = {length: protocol.timing_prompt(lm, length)[1] for length in lengths}
     for config in configs.values():  # a warm-up of every path, not measured
         config(prompts[lengths[0]])
     rows = []

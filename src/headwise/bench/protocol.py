@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise.bench.scoring import score
-from headwise.bench.tasks import SEPARATOR, Sample
+from headwise.bench.tasks import SEPARATOR, Sample, generate, token_counter
 from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, build_prompt, decode, prefill, stop_token_ids
@@ -53,6 +53,14 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
     head = build_prompt(lm, sample.context, chat=False)
     tail = f"{SEPARATOR}{sample.question}\nAnswer: {sample.answer_prefix}".rstrip()
     return head, list(tok(tail, add_special_tokens=False)["input_ids"])
+
+
+def timing_prompt(lm: LoadedModel, length: int) -> tuple[Sample, list[int]]:
+    """The prompt the speed scripts time: the benchmark's first passkey sample of ``length`` tokens (seed 0,
+    needle at depth 0.5), and its token ids, question included."""
+    sample = generate("passkey", length, 1, 0, token_counter(lm.tokenizer), tokenizer_name=lm.name, depths=(0.5,))[0]
+    head, tail = prompt_parts(lm, sample)
+    return sample, head + tail
 
 
 def context_parts(lm: LoadedModel, questions: Sequence[Sample]) -> tuple[list[int], list[list[int]]]:
