@@ -1,4 +1,4 @@
-"""The single-query attention kernel against a naive reference, and the cache's decoding steps in bfloat16."""
+"""The attention kernels against naive references, and the cache's decoding steps in bfloat16."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from headwise.api import make_cache
 from headwise.compat import forward
-from headwise.kernels import single_query_attention
+from headwise.kernels import causal_attention, single_query_attention
 
 
 def naive(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
@@ -46,6 +46,35 @@ def test_single_query_attention_in_bfloat16_is_close_to_float32() -> None:
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), single_query_attention(query, keys, values, None, 0.125),
                                atol=0.02, rtol=0.02)
+
+
+def naive_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal GQA attention of the last q positions, one query at a time, in float64."""
+    b, hq, q, d = query.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    out = torch.zeros(b, hq, q, d, dtype=torch.float64)
+    for i in range(b):
+        for j in range(hq):
+            kv = j // (hq // hkv)
+            for r in range(q):
+                seen = n - q + r + 1
+                s = (keys[i, kv, :seen].double() @ query[i, j, r].double()) * scale
+                out[i, j, r] = s.softmax(-1) @ values[i, kv, :seen].double()
+    return out
+
+
+@pytest.mark.parametrize(("q", "n"), [(23, 23), (7, 30), (1, 9), (40, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_matches_naive(q: int, n: int, dtype: torch.dtype) -> None:
+    """Both paths (the fused kernel in float32, the query blocks in bfloat16, blocks of 8 here so that a
+    forward spans several and ends in a partial one), GQA, queries that are the last of the keys."""
+    torch.manual_seed(2)
+    b, hq, hkv, d = 2, 6, 2, 16
+    query, keys, values = (torch.randn(b, h, m, d) for h, m in ((hq, q), (hkv, n), (hkv, n)))
+    got = causal_attention(*(t.to(dtype) for t in (query, keys, values)), 0.25, block=8)
+    assert got.shape == (b, hq, q, d) and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 0.05  # bfloat16: scores and weights rounded to 8 bits
+    torch.testing.assert_close(got.double(), naive_causal(query, keys, values, 0.25), atol=tolerance, rtol=tolerance)
 
 
 @torch.inference_mode()

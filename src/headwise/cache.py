@@ -51,7 +51,7 @@ from headwise.budgets import (
     layer_fractions,
 )
 from headwise.errors import HeadwiseError
-from headwise.kernels import single_query_attention
+from headwise.kernels import causal_attention, single_query_attention
 from headwise.policies.base import Policy
 from headwise.select.base import RuleState, Selector
 from headwise.sparse.base import Pattern
@@ -380,9 +380,24 @@ class CompressedLayer(CacheLayerMixin):
         positions = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=self.device).expand(b, q)
         if q == 1:
             self._share_room()
-        for h, head in enumerate(self.heads):
-            head.append(key_states[:, h], value_states[:, h], positions)
+        if q == 1 and self._stacked() is not None:
+            self._append_stacked(key_states, value_states, positions)
+        else:
+            for h, head in enumerate(self.heads):
+                head.append(key_states[:, h], value_states[:, h], positions)
         self.seen += q
+
+    def _append_stacked(self, key_states: torch.Tensor, value_states: torch.Tensor, positions: torch.Tensor) -> None:
+        """A decoding step's token [B, H, 1, d] written for all heads at once into the shared buffers, which
+        :meth:`_share_room` has just made sure have room for it; each head's tensors then view one more token.
+        The policy state of the new token is zero, as in :meth:`_Head.append`."""
+        n = self.heads[0].keys.shape[1]
+        new = {"keys": key_states[:, :, 0], "values": value_states[:, :, 0], "positions": positions, "state": 0.0}
+        for name, value in new.items():
+            self.shared[name][:, :, n] = value
+        for head in self.heads:
+            for name in new:
+                setattr(head, name, head.room[name][:, : n + 1])
 
     def _share_room(self) -> None:
         """Before a decoding step that outgrows the heads' room, when every head holds as many tokens and no
@@ -419,9 +434,10 @@ class CompressedLayer(CacheLayerMixin):
         if keys is None or values is None:
             return None
         n = self.heads[0].keys.shape[1]
-        for i, head in enumerate(self.heads):
-            if (head.keys.shape[1] != n or head.keys.data_ptr() != keys[:, i].data_ptr()
-                    or head.values.data_ptr() != values[:, i].data_ptr()):
+        step_k, step_v = keys.stride(1) * keys.element_size(), values.stride(1) * values.element_size()
+        for i, head in enumerate(self.heads):  # where head i's slice starts, without making a view of it
+            if (head.keys.shape[1] != n or head.keys.data_ptr() != keys.data_ptr() + i * step_k
+                    or head.values.data_ptr() != values.data_ptr() + i * step_v):
                 return None
         return keys, values, n
 
@@ -545,26 +561,25 @@ class CompressedLayer(CacheLayerMixin):
         sparse = self.plan.sparse is not None and q > 1 and self._only_causal(attention_mask, q)
         for h, head in enumerate(self.heads):
             q_h = query[:, h * group : (h + 1) * group]
-            # Nothing evicted and no padding: the plain causal mask, which lets SDPA use its fused kernel.
-            plain_causal = attention_mask is None and head.keys.shape[1] == q == self.seen
-            allowed = None if plain_causal else self._allowed(head, attention_mask, q)
+            whole = head.summary is None and head.keys.shape[1] == self.seen  # every token seen, at its position
             pattern = self.plan.sparse.for_head(self.layer_idx, h) if sparse else None
-            if pattern is not None and head.summary is None and head.keys.shape[1] == self.seen:
+            if pattern is not None and whole:
                 outputs.append(self._sparse_attention(h, pattern, q_h, scaling))
                 continue
             if sparse:  # computed densely: all its causal pairs count as computed
                 work = (q * (self.seen - q) + q * (q + 1) // 2) * group
                 self._count(h, work, work)
+            if q > 1 and whole and attention_mask is None:  # no padding, nothing evicted: the plain causal mask
+                outputs.append(causal_attention(q_h, head.keys[:, None], head.values[:, None], scaling))
+                continue
+            allowed = self._allowed(head, attention_mask, q)
             index = self._select(head, q_h) if q == 1 and self.plan.select is not None else None
             keys, values, mask = head.attended(allowed, q, index)
             if q == 1:  # a decoding step: two products beat the fused kernel's one query block
                 outputs.append(single_query_attention(q_h, keys, values, mask, scaling))
                 continue
-            outputs.append(
-                F.scaled_dot_product_attention(
-                    q_h, keys, values, attn_mask=mask, scale=scaling, is_causal=plain_causal, enable_gqa=True
-                )
-            )
+            outputs.append(F.scaled_dot_product_attention(q_h, keys, values, attn_mask=mask, scale=scaling,
+                                                          enable_gqa=True))
         self._feed_policy(query, attention_mask, scaling)
         return torch.cat(outputs, dim=1).transpose(1, 2)
 
