@@ -12,8 +12,8 @@
 #   scripts/sweep.sh sparse [LENGTH]     # the full cache with dense and with sparse prefill (results/sparse/)
 #   scripts/sweep.sh sparse-dev [LENGTH] # wider sparse variants on a dev seed, to choose among (results/sparse/dev-*)
 #   scripts/sweep.sh select [LENGTH]     # selection rules against eviction at equal tokens (results/select/)
-#   scripts/sweep.sh precision [LENGTH]  # the full cache and SnapKV at 75% in float32 and in bfloat16
-#                                        # (results/precision/MODEL-LENGTH-DTYPE/)
+#   scripts/sweep.sh precision [LENGTH] [MODEL] [DTYPE]  # the full cache and SnapKV at 75% in float32 and in
+#                                        # bfloat16, or in DTYPE only (results/precision/MODEL-LENGTH-DTYPE/)
 #
 # Every sweep runs in float32, the precision of the stores behind the tables (the precision sweep passes its own).
 # Two tasks ask two questions per context (passkey, multikey), the others one (tasks.QUESTIONS). At 2K every task
@@ -83,7 +83,7 @@ case $what in
             -o roles:profile=results/profiles/smollm2-135m/profile.json -o quest:window=16 \
             -o tokenselect:window=16 -o recycled:window=16 -o roles:window=16 ;;
     precision)  # the same tasks in both precisions (the gate is the headwise sweep's: one calibration context here)
-        for dtype in float32 bfloat16; do
+        for dtype in ${4:-float32 bfloat16}; do
             groups passkey multikey vartrack,qa,frequent --methods full,snapkv --ratios 0.75 --calibration-samples 1 \
                 --dtype "$dtype" --out "results/precision/$model-$length-$dtype"
         done ;;
