@@ -583,6 +583,29 @@ class CompressedLayer(CacheLayerMixin):
         self._feed_policy(query, attention_mask, scaling)
         return torch.cat(outputs, dim=1).transpose(1, 2)
 
+    def attention_weights(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per KV head, the attention probabilities [B, G, q, m] (float32) of its query group over the tokens it
+        holds, and those tokens' positions [B, m]: the weights :meth:`attend` uses, for callers that read
+        attention (:mod:`headwise.explain.lookback`). A compensation summary comes first, at position -1. Call
+        it before :meth:`attend`, which may evict. Decode-time selection reads other tokens: it is refused."""
+        if self.plan.select is not None:
+            raise HeadwiseError("attention weights are read over every held token: drop the decode-time selection")
+        group = query.shape[1] // len(self.heads)
+        weights = []
+        for h, head in enumerate(self.heads):
+            keys, _, mask = head.attended(self._allowed(head, attention_mask, query.shape[2]), query.shape[2])
+            logits = torch.matmul(query[:, h * group : (h + 1) * group].float(), keys.float().transpose(-1, -2))
+            logits = logits * scaling
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            positions = head.positions
+            if head.summary is not None:
+                positions = torch.cat([positions.new_full((positions.shape[0], 1), -1), positions], dim=1)
+            weights.append((logits.softmax(dim=-1), positions))
+        return weights
+
     def _only_causal(self, attention_mask: torch.Tensor | None, q: int) -> bool:
         """Whether the mask of this forward's ``q`` queries is plain causal over the ``seen`` tokens (no padding),
         which block-sparse prefill takes for granted. A head computes block-sparse only then, and only while it

@@ -14,6 +14,7 @@ from headwise import __version__
 from headwise.bench.cli import add_bench
 from headwise.checks import add_dtype_option, add_threads_option
 from headwise.errors import HeadwiseError, run_cli
+from headwise.explain.cli import COMMANDS as EXPLAIN_COMMANDS
 from headwise.profile.cli import add_profile
 from headwise.registry import DEFAULT_MODEL, REGISTRY
 from headwise.serve.cli import add_serve
@@ -220,7 +221,7 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_generate, add_profile, add_sparse_plan, add_bench, add_serve,
+    add_generate, add_profile, add_sparse_plan, add_bench, add_serve, *EXPLAIN_COMMANDS,
 ]
 
 

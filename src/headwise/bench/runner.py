@@ -76,7 +76,8 @@ LIBRARY = "headwise"
 #: content), input checks and the store itself. Every other module of the package is in the fingerprint.
 NOT_FINGERPRINTED = ("report", "profile/cli.py", "profile/profiler.py", "profile/report.py", "profile/metrics.py",
                      "profile/data.py", "capture", "cli.py", "bench/cli.py", "bench/store.py", "bench/intervals.py",
-                     "bench/calibration.py", "checks.py", "errors.py")
+                     "bench/calibration.py", "checks.py", "errors.py", "explain/cli.py", "explain/probe.py",
+                     "explain/training.py", "explain/headview", "explain/rollout", "explain/attribution")
 
 
 # ---------------------------------------------------------------------------------------------- identity
