@@ -43,8 +43,9 @@ def cmd_lookback_collect(args: argparse.Namespace) -> None:
     from headwise.explain.collect import collect
 
     count = tasks.token_counter(lm.tokenizer)
-    samples = {(c.task, c.length, c.seed): tasks.generate(c.task, c.length, c.n_samples, c.seed, count,
-                                                          tokenizer_name=lm.name, depths=depths) for c in cells}
+    wanted = {(c.task, c.length, c.seed): c.n_samples for c in cells}
+    samples = {(t, n, seed): tasks.generate(t, n, contexts, seed, count, tokenizer_name=lm.name, depths=depths)
+               for (t, n, seed), contexts in wanted.items()}
     store.unpack(path)
     try:
         ran = collect(lm, cells, samples, path, allow_mixed=args.allow_mixed_versions, progress=not args.no_progress)
