@@ -110,3 +110,45 @@ def test_traced_answer_records_a_row_per_token_after_the_first():
     assert ((traced.ratios > 0) & (traced.ratios < 1)).all()
     torch.testing.assert_close(traced.ratios, forced_ratios(lm, cache, ids[30:], traced.tokens))
     assert cache.get_seq_length() == 30  # answered on a copy
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_head_attention_equals_eager_attention_of_the_chosen_heads(arch):
+    from headwise.explain.retrieval import head_attention
+
+    lm = tiny_loaded(arch)
+    torch.manual_seed(4)
+    ids = torch.randint(2, 120, (46,)).tolist()
+    context, tail, answer = ids[:30], ids[30:40], ids[40:]
+    heads = [(1, 0), (1, 3), (3 if arch == "gemma3" else 2, 1)]
+    cache = make_cache(lm.model, "full")
+    prefill(lm.model, torch.tensor([context]), cache)
+    got = head_attention(lm, cache, tail, answer, heads)
+    model = tiny_model(arch)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    want = sum(attentions[layer][0, head, 39:45, :40].double().sum(0) for layer, head in heads)
+    torch.testing.assert_close(got.relevance, want, rtol=1e-4, atol=1e-6)
+    assert got.steps == 6 and torch.equal(got.held, torch.full((40,), 18.0, dtype=torch.float64))
+
+
+def test_retrieval_attribution_over_an_evicted_cache_reads_only_kept_tokens():
+    from headwise.explain.retrieval import retrieval_attribution
+
+    lm = tiny_loaded("llama")
+    torch.manual_seed(5)
+    ids = torch.randint(2, 120, (60,)).tolist()
+    cache = make_cache(lm.model, "snapkv", ratio=0.5, options={"window": 8}, prompt_length=50)
+    prefill(lm.model, torch.tensor([ids[:50]]), cache)
+    cache.seal()
+    heads = [(2, 1)]  # KV head 0 of layer 2
+    attribution, held = retrieval_attribution(lm, cache, ids[:50], ids[50:55], ids[55:], heads)
+    kept = set(cache.layers[2].heads[0].positions[0].tolist()) | set(range(50, 55))
+    for p in range(55):
+        assert (held[p] == 1.0) == (p in kept)
+        assert (held[p] == 0.0) == (p not in kept)
+        if p not in kept:
+            assert attribution.relevance[p] == 0.0
+    assert attribution.relevance[0] == 0.0 and sum(attribution.relevance) == pytest.approx(1.0)
+    assert len(attribution.tokens) == 55 and attribution.targets == list(range(54, 59))

@@ -202,3 +202,192 @@ def add_lookback(sub: argparse._SubParsersAction) -> None:
 
 #: Each adds one subcommand to the ``headwise`` parser (see :data:`headwise.cli.COMMANDS`).
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_lookback]
+
+
+def _integers(value: str, flag: str) -> list[int]:
+    """Comma-separated integers (``-1`` allowed), or a one-line error naming ``flag``."""
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise HeadwiseError(f"{flag} takes comma-separated integers, got '{value}'") from None
+
+
+def _read_text(path: str) -> str:
+    """A UTF-8 text file with some text in it, or a one-line error."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise HeadwiseError(f"cannot read text file '{path}': {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise HeadwiseError(f"cannot read text file '{path}': it is not UTF-8 text ({exc})") from exc
+    if not text.strip():
+        raise HeadwiseError(f"text file '{path}' is empty")
+    return text
+
+
+def cmd_heads(args: argparse.Namespace) -> None:
+    from headwise.explain.headview import head_view
+    from headwise.explain.headview_page import write_view
+    from headwise.models import load_model
+
+    out = check_output_dir(Path(args.out))
+    queries = _integers(args.query, "--query") if args.query is not None else None
+    layers = _integers(args.layers, "--layers") if args.layers is not None else None
+    if args.max_points < 1:
+        raise HeadwiseError(f"--max-points must be at least 1, got {args.max_points}")
+    text = _read_text(args.file)
+    set_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype)
+    ids = lm.tokenizer(text)["input_ids"]
+    view = head_view(lm, ids, query_positions=queries, max_points=args.max_points, layers=layers)
+    paths = write_view(view, out, args.file)
+    print(f"{lm.name}: {view.length} tokens, {len(view.layers)} layers x {view.num_heads} heads, query positions "
+          f"{', '.join(map(str, view.query_positions))}; {view.seconds:.1f} s")
+    print(f"wrote {paths['html']} and {paths['json']}", file=sys.stderr)
+
+
+def add_heads(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("heads", help="per head: a 2-D map of its queries and keys, and what chosen tokens attend to "
+                                     "(HTML page)")
+    p.add_argument("--file", "-f", required=True, help="UTF-8 text to run the model on (no chat template)")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--query", default=None,
+                   help="token positions whose attention the page shows, comma-separated, negative from the end "
+                        "(default: the last token and 3 evenly spaced ones)")
+    p.add_argument("--max-points", type=int, default=512,
+                   help="tokens drawn per head in the query/key map, evenly spaced (default 512)")
+    p.add_argument("--layers", default=None, help="layers to show, comma-separated (default all)")
+    p.add_argument("--out", "-o", default="heads", help="output folder for heads.html and heads.json (default ./heads)")
+    add_threads_option(p)
+    add_dtype_option(p)
+    p.set_defaults(func=cmd_heads)
+
+
+COMMANDS.append(add_heads)
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from headwise.cli import check_needs_policy, read_prompt
+
+    out = check_output_file(Path(args.out))
+    if args.max_new_tokens < 1 or args.top < 0:
+        raise HeadwiseError("--max-new-tokens must be at least 1 and --top at least 0")
+    check_needs_policy(args)
+    retrieval = args.method == "retrieval"
+    if retrieval != (args.head_profile is not None):
+        raise HeadwiseError("--method retrieval needs --profile (the head profile that names the retrieval heads), "
+                            "and only it takes one")
+    if args.policy is not None and args.answer is not None and not retrieval:
+        raise HeadwiseError("--policy compresses the cache an answer is generated with, and --answer generates none: "
+                            "give one of them (or use --method retrieval, which reads the compressed cache)")
+    heads = None
+    if retrieval:
+        from headwise.explain.retrieval import retrieval_heads
+        from headwise.profile.schema import HeadProfile
+
+        heads = retrieval_heads(HeadProfile.load(args.head_profile))
+    text = read_prompt(args)
+    if args.policy is not None:
+        from headwise.api import make_plan
+
+        make_plan(args.policy, ratio=args.ratio, budget=args.budget, options=args.option)
+    from headwise.explain.attribution_page import write_attribution_page
+    from headwise.explain.rollout import attribute, check_flow_length
+    from headwise.generation import build_prompt, check_length, generate, prompt_room, stop_token_ids
+    from headwise.models import load_model
+
+    set_threads(args.threads)
+    lm = load_model(args.model, dtype=args.dtype)
+    answer = None if args.answer is None else lm.tokenizer(args.answer, add_special_tokens=False)["input_ids"]
+    if answer == []:
+        raise HeadwiseError("--answer has no tokens")
+    new_tokens = args.max_new_tokens if answer is None else len(answer)
+    room = prompt_room(lm.info.context_length, new_tokens)
+    ids = build_prompt(lm, text, chat=False if args.no_chat else None, max_tokens=room if args.truncate else None)
+    check_length(ids, lm.info.context_length, new_tokens)
+    if args.method == "flow":
+        limit = "" if args.answer is not None else " at most, as --max-new-tokens sets"
+        check_flow_length(len(ids) + new_tokens - 1,
+                          f" (a {len(ids)}-token prompt and {new_tokens} answer tokens{limit})")
+    if heads is not None:
+        _attribute_by_heads(lm, ids, answer, heads, args, out)
+        return
+    note = "answer given (teacher-forced)"
+    if answer is None:
+        cache = None
+        if args.policy is not None:
+            from headwise.api import make_cache
+
+            cache = make_cache(lm.model, args.policy, ratio=args.ratio, budget=args.budget, options=args.option,
+                               prompt_length=len(ids))
+        result = generate(lm, ids, max_new_tokens=args.max_new_tokens, cache=cache)
+        stops = stop_token_ids(lm)
+        answer = result.token_ids[:-1] if result.token_ids and result.token_ids[-1] in stops else result.token_ids
+        note = f"answer generated greedily with {cache.describe() if cache is not None else 'the full cache'}"
+    attribution = attribute(lm, ids, answer, method=args.method)
+    note += f"; attributed with the full model ({lm.dtype})"
+    write_attribution_page(attribution, out, note=note)
+    print(f"answer: {attribution.answer}")
+    print(f"{note}; {args.method} over {len(ids)} prompt tokens in {attribution.seconds:.1f} s; most relevant:")
+    for i in attribution.top(args.top):
+        print(f"  {i:6d} {attribution.relevance[i]:.4g} {attribution.tokens[i]!r}")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _attribute_by_heads(lm, ids: list[int], answer: list[int] | None, heads: list[tuple[int, int]],
+                        args: argparse.Namespace, out: Path) -> None:
+    """``attribute --method retrieval``: the retrieval heads' attention over the cache the answer is made with."""
+    from headwise.api import make_cache
+    from headwise.explain.attribution_page import write_attribution_page
+    from headwise.explain.retrieval import answer_and_attribute
+
+    cache = make_cache(lm.model, args.policy or "full", ratio=args.ratio, budget=args.budget, options=args.option,
+                       prompt_length=len(ids) - 1)
+    attribution, held = answer_and_attribute(lm, ids, heads, cache, answer=answer, max_new_tokens=args.max_new_tokens)
+    how = "given (teacher-forced)" if answer is not None else "generated greedily"
+    evicted = sum(h == 0 for h in held)
+    note = (f"answer {how} with {cache.describe()}; the attention of {len(heads)} retrieval heads "
+            f"({', '.join(f'L{layer}h{head}' for layer, head in heads)}) over that cache; {evicted} prompt tokens "
+            "evicted from all of them (struck through)")
+    write_attribution_page(attribution, out, note=note, held=held)
+    print(f"answer: {attribution.answer}")
+    print(f"{note}; most relevant:")
+    for i in attribution.top(args.top):
+        print(f"  {i:6d} {attribution.relevance[i]:.4g} {attribution.tokens[i]!r}")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def add_attribute(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attribute", help="attribute an answer to the prompt's tokens (the retrieval heads' attention, "
+                       "attention rollout or flow) and show them highlighted in an HTML page",
+                       description="retrieval: the attention of the profile's retrieval heads (Wu et al. 2024) from "
+                       "the positions that predicted the answer, over the cache the answer is made with (compressed "
+                       "with --policy; evicted tokens are struck through). rollout and flow (Abnar and Zuidema 2020): "
+                       "every head of every layer, with the full model. Without --answer, an answer is generated "
+                       "greedily first, from a compressed cache with --policy.")
+    p.add_argument("prompt", nargs="?", help="prompt text, or - for stdin")
+    p.add_argument("--file", "-f", help="read the prompt from this file")
+    p.add_argument("--answer", default=None, help="attribute this answer (teacher-forced) instead of generating one")
+    p.add_argument("--method", choices=["rollout", "flow", "retrieval"], default="rollout",
+                   help="rollout (default; block by block, runs at 8K), flow (max-flow, at most 128 tokens) or "
+                        "retrieval (the retrieval heads of --profile; runs at 8K, over the compressed cache)")
+    p.add_argument("--profile", dest="head_profile", default=None,
+                   help="head profile (from `headwise profile`) whose retrieval heads --method retrieval reads")
+    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut the start of a prompt text that is too long (the chat template stays whole)")
+    p.add_argument("--policy", default=None, help="generate the answer from a compressed cache (see `headwise "
+                   "policies`); rollout and flow then attribute it with the full model, retrieval over that cache")
+    p.add_argument("--ratio", type=float, default=None, help="fraction of the prompt's KV cache to remove")
+    p.add_argument("--budget", type=int, default=None, help="KV tokens to keep per head (instead of --ratio)")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE", help="policy option")
+    p.add_argument("--top", type=int, default=10, help="most relevant tokens to print (default 10)")
+    p.add_argument("--out", required=True, help="the HTML page to write")
+    add_threads_option(p)
+    add_dtype_option(p)
+    p.set_defaults(func=cmd_attribute, mode=None, profile=None)
+
+
+COMMANDS.append(add_attribute)

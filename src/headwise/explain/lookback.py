@@ -17,8 +17,10 @@ definition). The weights are those the model used: over the tokens a compressed 
 head (:meth:`headwise.cache.CompressedLayer.attention_weights`), and over the window of a sliding-window layer.
 Only single-token forwards are read, one row of ``n`` weights per head, never an ``n x n`` map.
 
-The attention function ``headwise_lookback`` is registered with transformers' public ``AttentionInterface``
-(its mask is SDPA's) and computes the same output as ``headwise``; :func:`recording` selects it for a block.
+The attention function ``headwise_weights`` is registered with transformers' public ``AttentionInterface``
+(its mask is SDPA's) and computes the same output as ``headwise``, handing the weights of every single-token
+forward to a recorder (:class:`LookbackRecorder` here; :mod:`headwise.explain.retrieval` has another);
+:func:`recording` selects it for a block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -38,7 +41,7 @@ from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
 from headwise.models import LoadedModel
 
-NAME = "headwise_lookback"
+NAME = "headwise_weights"
 
 
 def lookback_ratio(probs: torch.Tensor, is_context: torch.Tensor) -> torch.Tensor:
@@ -113,10 +116,24 @@ class LookbackRecorder:
         return torch.stack([torch.stack([row[layer] for layer in layers]) for row in rows]).float()
 
 
-_ACTIVE: ContextVar[LookbackRecorder | None] = ContextVar("headwise_lookback_recorder", default=None)
+class WeightsRecorder(Protocol):
+    """What :func:`weights_attention` hands the weights of each single-token forward to."""
+
+    @property
+    def position(self) -> int:
+        """The position of the query being recorded."""
+        ...
+
+    def add(self, layer: int, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Take one layer's per-KV-head weights [1, G, 1, m] and key positions [1, m]."""
+        ...
 
 
-def lookback_attention(
+R = TypeVar("R", bound=WeightsRecorder)
+_ACTIVE: ContextVar[WeightsRecorder | None] = ContextVar("headwise_weights_recorder", default=None)
+
+
+def weights_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -126,13 +143,14 @@ def lookback_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """The ``headwise`` attention, recording the lookback ratios of single-token forwards (batch size 1)."""
+    """The ``headwise`` attention, handing the weights of single-token forwards (batch size 1) to the active
+    recorder."""
     layer = take_handoff(module, key)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     recorder = _ACTIVE.get()
     if recorder is not None and query.shape[2] == 1:
         if query.shape[0] != 1:
-            raise HeadwiseError(f"lookback ratios are recorded for batch size 1, got {query.shape[0]}")
+            raise HeadwiseError(f"attention weights are recorded for batch size 1, got {query.shape[0]}")
         weights = (layer.attention_weights(query, attention_mask, scale) if layer is not None
                    else dense_weights(query, key, attention_mask, scale, recorder.position))
         recorder.add(module.layer_idx, weights)
@@ -141,14 +159,13 @@ def lookback_attention(
     return layer.attend(query, attention_mask, scale), None
 
 
-register(NAME, lookback_attention)
+register(NAME, weights_attention)
 
 
 @contextmanager
-def recording(model: torch.nn.Module, prompt_length: int) -> Iterator[LookbackRecorder]:
-    """Select ``headwise_lookback`` on ``model`` for the block and yield the recorder its decoding steps fill;
-    the model is left on the ``headwise`` attention afterwards (also after an exception)."""
-    recorder = LookbackRecorder(prompt_length)
+def recording(model: torch.nn.Module, recorder: R) -> Iterator[R]:
+    """Select ``headwise_weights`` on ``model`` for the block and yield ``recorder``, which its single-token
+    forwards fill; the model is left on the ``headwise`` attention afterwards (also after an exception)."""
     model.set_attn_implementation(NAME)
     token = _ACTIVE.set(recorder)
     try:
@@ -174,7 +191,7 @@ def traced_answer(lm: LoadedModel, cache, tail: list[int], max_new_tokens: int) 
     :func:`headwise.bench.protocol.answer` does) while recording lookback ratios."""
     cache = copy.deepcopy(cache)
     logits = prefill(lm.model, torch.tensor([tail]), cache)
-    with recording(lm.model, cache.get_seq_length()) as recorder:
+    with recording(lm.model, LookbackRecorder(cache.get_seq_length())) as recorder:
         tokens = decode(lm.model, logits, cache, max_new_tokens=max_new_tokens, sampling=Sampling(),
                         stop_ids=stop_token_ids(lm), on_token=lambda _: recorder.next_query())
     text = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -189,7 +206,7 @@ def forced_ratios(lm: LoadedModel, cache, tail: list[int], answer: list[int]) ->
 
     cache = copy.deepcopy(cache)
     prefill(lm.model, torch.tensor([tail]), cache)
-    with recording(lm.model, cache.get_seq_length()) as recorder:
+    with recording(lm.model, LookbackRecorder(cache.get_seq_length())) as recorder:
         for token in answer[:-1]:
             recorder.next_query()
             forward(lm.model, cache, torch.tensor([[token]]))

@@ -2,7 +2,10 @@
 
 Three kinds of pass, all through :func:`headwise.capture.capture`:
 
-1. one prose pass (standard-library docstrings): sinks, locality, entropy, attention maps, a token-level sample;
+1. one prose pass (standard-library docstrings): sinks, locality, entropy, attention maps, a token-level sample,
+   and the head view of that sample (:func:`headwise.explain.headview.head_view`: a joint 2-D map of each head's
+   queries and keys, and the attention of a few of its tokens), from one more forward pass over the sample alone
+   (causal attention: the same queries and keys as in the long pass);
 2. one repeated-random-tokens pass: previous-token and induction scores (Olsson et al. 2022);
 3. ``runs`` needle-in-a-haystack generations: the copy-paste retrieval score of Wu et al. 2024. The prompt is
    prefilled with the ordinary attention and only its last token and the greedy decoding steps are captured,
@@ -24,6 +27,7 @@ from transformers import DynamicCache
 from headwise.capture import CaptureSettings, capture
 from headwise.compat import forward
 from headwise.errors import HeadwiseError
+from headwise.explain.headview import HeadView, head_view
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
 from headwise.models import LoadedModel
 from headwise.profile.data import (
@@ -61,7 +65,7 @@ class ProfileSettings:
     max_new_tokens
         Generation budget per needle run.
     sample_tokens
-        Leading tokens of the prose sample kept for the token-level view of the report.
+        Leading tokens of the prose sample kept for the token-level view and the head view of the report.
     capture
         What the attention capture accumulates.
     thresholds
@@ -90,21 +94,24 @@ class ProfileSettings:
 
 @dataclass
 class ProfileResult:
-    """A profile plus what the report draws: pooled maps, the token sample, and timings."""
+    """A profile plus what the report draws: pooled maps, the token sample, its head view, and timings."""
 
     profile: HeadProfile
     maps: torch.Tensor
     sample_tokens: list[str]
     sample_received: torch.Tensor
     timings: dict[str, float]
+    head_view: HeadView
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values).double()
 
 
-def _prose_pass(lm: LoadedModel, settings: ProfileSettings) -> tuple[dict, torch.Tensor, list[str], torch.Tensor, list]:
-    """Sinks, locality, entropy, maps and the token sample from one prose pass."""
+def _prose_pass(
+    lm: LoadedModel, settings: ProfileSettings,
+) -> tuple[dict, torch.Tensor, list[str], torch.Tensor, list, list[int]]:
+    """Sinks, locality, entropy, maps, the token sample and its ids from one prose pass."""
     ids = prose_ids(lm.tokenizer, settings.length, settings.seed)
     if len(ids) > lm.info.context_length:
         raise HeadwiseError(f"--length {len(ids)} exceeds the model's context ({lm.info.context_length})")
@@ -123,7 +130,7 @@ def _prose_pass(lm: LoadedModel, settings: ProfileSettings) -> tuple[dict, torch
     tokens = [lm.tokenizer.decode([t]) for t in ids]
     received = _stack([st.received_mean()[:, :n] for st in layers]).float()
     sinks = _other_sinks(layers, tokens, th)
-    return metrics, maps, tokens[:n], received, sinks
+    return metrics, maps, tokens[:n], received, sinks, ids[:n]
 
 
 def _other_sinks(layers: list, tokens: list[str], th: RoleThresholds) -> list[dict]:
@@ -218,8 +225,10 @@ def profile_model(lm: LoadedModel, settings: ProfileSettings | None = None, *, p
     with tqdm(total=2 + settings.runs, desc=f"profiling {lm.name}", unit="pass", disable=not progress) as bar:
         start = time.perf_counter()
         bar.set_postfix_str("prose")
-        metrics, maps, tokens, received, sinks = _prose_pass(lm, settings)
+        metrics, maps, tokens, received, sinks, sample_ids = _prose_pass(lm, settings)
         timings["prose_seconds"] = time.perf_counter() - start
+        view = head_view(lm, sample_ids, max_points=len(sample_ids))
+        timings["head_view_seconds"] = view.seconds
         bar.update(1)
         start = time.perf_counter()
         bar.set_postfix_str("repeated tokens")
@@ -253,4 +262,4 @@ def profile_model(lm: LoadedModel, settings: ProfileSettings | None = None, *, p
         retrieval_runs=runs,
     )
     profile.validate()
-    return ProfileResult(profile, maps, tokens, received, timings)
+    return ProfileResult(profile, maps, tokens, received, timings, view)

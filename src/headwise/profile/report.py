@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from headwise.explain import headview_page
 from headwise.profile.metrics import ROLES
 from headwise.profile.profiler import ProfileResult
 from headwise.profile.schema import HeadProfile
@@ -150,6 +151,7 @@ function show(layer, head) {
   });
   document.querySelectorAll('button.cell').forEach(b => b.classList.toggle('on',
     b.dataset.layer == layer && b.dataset.head == head));
+  HV.show(layer, head);
 }
 document.querySelectorAll('button.cell').forEach(b => b.addEventListener('click',
   () => show(Number(b.dataset.layer), Number(b.dataset.head))));
@@ -180,12 +182,14 @@ def _start_head(profile: HeadProfile) -> list[int]:
 def render_html(result: ProfileResult, heatmaps: dict[str, bytes]) -> str:
     """The self-contained HTML report of a profile."""
     p = result.profile
+    start = _start_head(p)
     maps_b64, map_size = _map_bytes(result.maps)
     data = {
         "heads": p.num_heads, "group": p.num_heads // p.num_kv_heads, "mapSize": map_size,
         "tokens": len(result.sample_tokens), "roles": p.roles, "metricNames": list(p.metrics),
         "metrics": json.loads(p.to_json())["metrics"], "maps": maps_b64,
-        "received": _received_bytes(result.sample_received), "start": _start_head(p),
+        "received": _received_bytes(result.sample_received), "start": start,
+        "headView": headview_page.view_data(result.head_view, (start[0], start[1])),
     }
     data_json = json.dumps(data).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     legend = "".join(f'<span style="background:{c}">{esc(r)}</span>' for r, c in ROLE_COLORS.items())
@@ -210,12 +214,16 @@ Timings: {esc(timings)}.</p>
 <canvas id="map" width="320" height="320"></canvas></div>
 <div style="flex:1;min-width:300px"><h3>Attention received by the first sample tokens</h3>
 <div id="tokens">{tokens}</div></div></div>
+<h2>Head view of the sample</h2>
+<p>{esc(headview_page.EXPLANATION)} It follows the head selected in the grid above.</p>{headview_page.SECTION}
 <h2>Sinks beyond the first token</h2>{sinks if p.sinks else "<p>None above the ACT threshold.</p>"}
 <h2>Heatmaps</h2>{pictures}
 <h2>Settings</h2>{settings}{thresholds}
 <script type="application/json" id="hw-data">{data_json}</script>
 """
-    return page(f"headwise profile: {p.model}", body, extra_style=STYLE, script=SCRIPT)
+    view_script = headview_page.script("JSON.parse(document.getElementById('hw-data').textContent).headView")
+    return page(f"headwise profile: {p.model}", body, extra_style=STYLE + headview_page.STYLE,
+                script=view_script + SCRIPT)
 
 
 def write_outputs(result: ProfileResult, out: Path) -> dict[str, Path]:
