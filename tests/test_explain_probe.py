@@ -65,7 +65,7 @@ def synthetic(n: int = 240, signal: float = 1.5, seed: int = 0) -> Dataset:
     x[:, 3] -= 0.1 * signal * y
     tasks = ["passkey", "multikey", "qa"]
     return Dataset("tiny", 2, 3, x, y, [f"c{i // 3}" for i in range(n)], [tasks[(i // 3) % 3] for i in range(n)],
-                   ["full@0" if i % 2 else "snapkv@0.9" for i in range(n)])
+                   ["full@0" if i % 2 else "snapkv@0.9" for i in range(n)], rng.integers(1, 9, n).astype(float))
 
 
 def test_fit_standardises_and_matches_scikit_learn():
@@ -114,6 +114,7 @@ def test_evaluate_reports_cross_validated_and_heldout_aurocs():
     assert {h["role"] for h in figures["heads"]["top_heads"][:2]} == {"retrieval"}
     table = markdown(figures)
     assert "held-out task: qa" in table and "within the full cache" in table
+    assert figures["length_only"]["auroc"] < 0.7  # the synthetic lengths carry no signal
     with pytest.raises(HeadwiseError, match="not in the data"):
         evaluate(data, ["vartrack"])
 

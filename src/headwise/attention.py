@@ -12,7 +12,10 @@ and ``AttentionMaskInterface()``, which map ``"sdpa"`` to them), never imported 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -52,3 +55,20 @@ def headwise_attention(
 
 
 register(NAME, headwise_attention)
+
+T = TypeVar("T")
+
+
+@contextmanager
+def selected(model: torch.nn.Module, name: str, active: ContextVar[T | None], value: T) -> Iterator[T]:
+    """Run ``model`` with the attention registered as ``name`` inside the block, with ``active`` set to ``value``
+    (the recorder that attention fills); yield ``value``. On exit, also after an exception, the variable is reset
+    and the model is left on headwise's own attention (``"headwise"``, transformers' SDPA for any cache but a
+    headwise one): transformers has no public getter for the previous implementation."""
+    model.set_attn_implementation(name)
+    token = active.set(value)
+    try:
+        yield value
+    finally:
+        active.reset(token)
+        model.set_attn_implementation(NAME)

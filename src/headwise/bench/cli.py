@@ -67,6 +67,27 @@ def check_methods(methods: Sequence[str]) -> None:
         raise HeadwiseError(f"unknown method(s) {', '.join(unknown)}: use one of {', '.join(known)}")
 
 
+def check_tasks(names: Sequence[str]) -> None:
+    """Refuse unknown task names before anything runs."""
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown:
+        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}: use one of {', '.join(TASKS)}")
+
+
+def task_samples(lm, cells: Sequence, depths: Sequence[float]) -> dict[tuple[str, int, int], list]:
+    """The samples of every (task, length, seed) that ``cells`` need, generated once each; a length beyond
+    ``lm``'s context is refused."""
+    from headwise.bench import tasks
+
+    too_long = sorted({c.length for c in cells if c.length > lm.info.context_length})
+    if too_long:
+        raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
+    count = tasks.token_counter(lm.tokenizer)
+    wanted = {(c.task, c.length, c.seed): c.n_samples for c in cells}
+    return {(t, n, seed): tasks.generate(t, n, contexts, seed, count, tokenizer_name=lm.name, depths=depths)
+            for (t, n, seed), contexts in wanted.items()}
+
+
 def run_sweep(args: argparse.Namespace, out: Path) -> None:
     """Check every option, load the model, write the task files, and run the parts missing from the store."""
     from headwise.bench import runner, store, tasks
@@ -80,9 +101,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
     check_methods(methods)
     lengths = split_list(args.lengths, int, "length")
     task_names = split_list(args.tasks, what="task")
-    unknown = sorted(set(task_names) - set(tasks.TASKS))
-    if unknown:
-        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}: use one of {', '.join(tasks.TASKS)}")
+    check_tasks(task_names)
     depths = split_list(args.depths, float, "depth")
     cells = runner.plan_cells(
         resolve(args.model)[0], methods, split_list(args.ratios, float, "ratio"), task_names, lengths,
@@ -92,15 +111,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         dtype=resolve_dtype(args.dtype),
     )
     lm = load_model(args.model, dtype=args.dtype)
-    too_long = [n for n in lengths if n > lm.info.context_length]
-    if too_long:
-        raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
-    count = tasks.token_counter(lm.tokenizer)
-    wanted = {(c.task, c.length, c.seed): c.n_samples for c in cells}
-    samples = {
-        (t, n, seed): tasks.generate(t, n, contexts, seed, count, tokenizer_name=lm.name, depths=depths)
-        for (t, n, seed), contexts in wanted.items()
-    }
+    samples = task_samples(lm, cells, depths)
     for (t, n, seed), group in samples.items():  # check every file before overwriting any
         tasks.check_unchanged(tasks.task_file(out / "tasks", t, n, seed), group)
     for (t, n, seed), group in samples.items():

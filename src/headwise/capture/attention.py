@@ -10,15 +10,13 @@ so the causal and sliding-window masks are built as for ``sdpa``; see :func:`hea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 
 import torch
 
-from headwise.attention import NAME as HEADWISE_ATTENTION
 from headwise.attention import register as register_attention
-from headwise.attention import sdpa_attention
+from headwise.attention import sdpa_attention, selected
 from headwise.capture.stats import AttentionRecorder, CaptureSettings
 from headwise.errors import HeadwiseError
 
@@ -99,20 +97,9 @@ def register() -> None:
     register_attention(CAPTURE_NAME, capture_attention)
 
 
-@contextmanager
-def capture(model: torch.nn.Module, settings: CaptureSettings | None = None) -> Iterator[AttentionRecorder]:
-    """Run ``model`` with the capture attention inside the block; yield the recorder that fills up.
-
-    On exit, also after an exception, the model is left on headwise's own attention (``"headwise"``), which is
-    transformers' SDPA for any cache but a headwise cache: transformers has no public getter for the previous
-    implementation, and headwise does not read private attributes.
-    """
+def capture(model: torch.nn.Module, settings: CaptureSettings | None = None
+            ) -> AbstractContextManager[AttentionRecorder]:
+    """Run ``model`` with the capture attention inside the block; yield the recorder that fills up. Afterwards the
+    model is on headwise's own attention (:func:`headwise.attention.selected`)."""
     register()
-    recorder = AttentionRecorder(settings or CaptureSettings())
-    model.set_attn_implementation(CAPTURE_NAME)
-    token = _ACTIVE.set(recorder)
-    try:
-        yield recorder
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(HEADWISE_ATTENTION)
+    return selected(model, CAPTURE_NAME, _ACTIVE, AttentionRecorder(settings or CaptureSettings()))

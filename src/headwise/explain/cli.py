@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from headwise.bench.cli import check_methods, parse_method_options, split_list
+from headwise.bench.cli import check_methods, check_tasks, parse_method_options, split_list, task_samples
 from headwise.checks import add_dtype_option, add_threads_option, check_output_dir, check_output_file, set_threads
 from headwise.errors import HeadwiseError
 from headwise.registry import DEFAULT_MODEL
@@ -18,7 +18,7 @@ LOOKBACK_DATA = "lookback.jsonl"
 
 
 def cmd_lookback_collect(args: argparse.Namespace) -> None:
-    from headwise.bench import runner, store, tasks
+    from headwise.bench import runner, store
     from headwise.models import load_model, resolve, resolve_dtype
 
     out = check_output_dir(Path(args.out))
@@ -26,9 +26,7 @@ def cmd_lookback_collect(args: argparse.Namespace) -> None:
     methods = split_list(args.methods, what="method")
     check_methods(methods)
     task_names = split_list(args.tasks, what="task")
-    unknown = sorted(set(task_names) - set(tasks.TASKS))
-    if unknown:
-        raise HeadwiseError(f"unknown task(s) {', '.join(unknown)}: use one of {', '.join(tasks.TASKS)}")
+    check_tasks(task_names)
     lengths = split_list(args.lengths, int, "length")
     depths = split_list(args.depths, float, "depth")
     cells = [cell for seed in split_list(args.seeds, int, "seed") for cell in runner.plan_cells(
@@ -37,15 +35,9 @@ def cmd_lookback_collect(args: argparse.Namespace) -> None:
         dtype=resolve_dtype(args.dtype))]
     set_threads(args.threads)
     lm = load_model(args.model, dtype=args.dtype)
-    too_long = [n for n in lengths if n > lm.info.context_length]
-    if too_long:
-        raise HeadwiseError(f"length(s) {too_long} exceed {lm.name}'s context of {lm.info.context_length} tokens")
     from headwise.explain.collect import collect
 
-    count = tasks.token_counter(lm.tokenizer)
-    wanted = {(c.task, c.length, c.seed): c.n_samples for c in cells}
-    samples = {(t, n, seed): tasks.generate(t, n, contexts, seed, count, tokenizer_name=lm.name, depths=depths)
-               for (t, n, seed), contexts in wanted.items()}
+    samples = task_samples(lm, cells, depths)
     store.unpack(path)
     try:
         ran = collect(lm, cells, samples, path, allow_mixed=args.allow_mixed_versions, progress=not args.no_progress)

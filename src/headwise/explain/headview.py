@@ -21,15 +21,14 @@ sliding-window layers get their window from the mask the function receives.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 
-from headwise.attention import NAME as HEADWISE_ATTENTION
-from headwise.attention import register, sdpa_attention
+from headwise.attention import register, sdpa_attention, selected
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 
@@ -291,18 +290,10 @@ def headview_attention(
     return output, None
 
 
-@contextmanager
-def _recording(model: torch.nn.Module, recorder: _Recorder) -> Iterator[_Recorder]:
-    """Run ``model`` with the head-view attention inside the block; afterwards it is on headwise's own attention
-    (transformers' SDPA for any cache but a headwise one), as after :func:`headwise.capture.capture`."""
+def _recording(model: torch.nn.Module, recorder: _Recorder) -> AbstractContextManager[_Recorder]:
+    """Run ``model`` with the head-view attention inside the block (:func:`headwise.attention.selected`)."""
     register(VIEW_NAME, headview_attention)
-    model.set_attn_implementation(VIEW_NAME)
-    token = _ACTIVE.set(recorder)
-    try:
-        yield recorder
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(HEADWISE_ATTENTION)
+    return selected(model, VIEW_NAME, _ACTIVE, recorder)
 
 
 def head_view(

@@ -26,16 +26,14 @@ forward to a recorder (:class:`LookbackRecorder` here; :mod:`headwise.explain.re
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
 
-import headwise.attention
-from headwise.attention import register, sdpa_attention
+from headwise.attention import register, sdpa_attention, selected
 from headwise.cache import take_handoff
 from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, decode, prefill, stop_token_ids
@@ -162,17 +160,10 @@ def weights_attention(
 register(NAME, weights_attention)
 
 
-@contextmanager
-def recording(model: torch.nn.Module, recorder: R) -> Iterator[R]:
+def recording(model: torch.nn.Module, recorder: R) -> AbstractContextManager[R]:
     """Select ``headwise_weights`` on ``model`` for the block and yield ``recorder``, which its single-token
-    forwards fill; the model is left on the ``headwise`` attention afterwards (also after an exception)."""
-    model.set_attn_implementation(NAME)
-    token = _ACTIVE.set(recorder)
-    try:
-        yield recorder
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(headwise.attention.NAME)
+    forwards fill (:func:`headwise.attention.selected`)."""
+    return selected(model, NAME, _ACTIVE, recorder)
 
 
 @dataclass(frozen=True)

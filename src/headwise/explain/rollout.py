@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import headwise.attention
-from headwise.attention import register, sdpa_attention
+from headwise.attention import register, sdpa_attention, selected
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 
@@ -317,14 +316,8 @@ def capturing(model: torch.nn.Module, *, half: bool = True) -> Iterator[dict[int
     On exit, also after an exception, the model is left on headwise's own attention (``"headwise"``, which is SDPA
     for anything but a headwise cache): transformers has no public getter for the previous implementation.
     """
-    capture = _Capture(half=half, layers={})
-    model.set_attn_implementation(NAME)
-    token = _ACTIVE.set(capture)
-    try:
+    with selected(model, NAME, _ACTIVE, _Capture(half=half, layers={})) as capture:
         yield capture.layers
-    finally:
-        _ACTIVE.reset(token)
-        model.set_attn_implementation(headwise.attention.NAME)
 
 
 @torch.inference_mode()

@@ -6,6 +6,8 @@ What is reported (:func:`evaluate`), every AUROC with a 95% interval that resamp
 - AUROC on each held-out task kind, by a probe fitted on the training tasks only;
 - the cross-validated AUROC within the full cache's answers and within the compressed caches' answers, so a
   probe that only tells caches apart shows up;
+- a baseline: the same cross-validated probe on the answer's length alone (its generation steps), since made-up
+  answers are often shorter or longer than copied ones;
 - with a head profile: the probe on the profile's retrieval heads only, against as many other heads drawn at
   random, and the roles of the heads with the largest weights, which says whether the signal sits in the
   retrieval heads.
@@ -27,7 +29,7 @@ from headwise.explain.probe import Probe, auroc, auroc_interval, fit, out_of_fol
 @dataclass(frozen=True)
 class Dataset:
     """One row per answer with features: lookback ratios ``x`` [n, layers * heads], ``y`` 1 for unsupported,
-    and each answer's context, task and method (``method@ratio``)."""
+    and each answer's context, task, method (``method@ratio``) and generation steps."""
 
     model: str
     layers: int
@@ -37,12 +39,13 @@ class Dataset:
     contexts: list[str]
     tasks: list[str]
     methods: list[str]
+    steps: np.ndarray
 
     def subset(self, keep: np.ndarray) -> Dataset:
         pick = np.flatnonzero(keep)
         return Dataset(self.model, self.layers, self.heads, self.x[pick], self.y[pick],
                        [self.contexts[i] for i in pick], [self.tasks[i] for i in pick],
-                       [self.methods[i] for i in pick])
+                       [self.methods[i] for i in pick], self.steps[pick])
 
 
 def load_dataset(paths: Sequence[Path]) -> Dataset:
@@ -64,6 +67,7 @@ def load_dataset(paths: Sequence[Path]) -> Dataset:
         model, layers, heads, np.array([s["features"] for s, _ in rows], dtype=np.float64),
         np.array([0 if s["supported"] else 1 for s, _ in rows]), [s["context_id"] for s, _ in rows],
         [r["task"] for _, r in rows], [f"{r['method']}@{r['ratio']:g}" for _, r in rows],
+        np.array([s["steps"] for s, _ in rows], dtype=np.float64),
     )
 
 
@@ -96,6 +100,7 @@ def evaluate(data: Dataset, heldout: Sequence[str], *, strength: float = 1.0,
         "cross_validated": _figure(oof, train),
         "within_full_cache": _figure(oof[full], train.subset(full)) if full.any() else None,
         "within_compressed": _figure(oof[~full], train.subset(~full)) if (~full).any() else None,
+        "length_only": _figure(out_of_fold(train.steps[:, None], train.y, train.contexts, strength=strength), train),
         "heldout": {},
     }
     for task in heldout:
@@ -147,7 +152,8 @@ def markdown(figures: dict) -> str:
     train = ", ".join(figures["train_tasks"])
     rows = [(f"cross-validated, training tasks ({train})", figures["cross_validated"]),
             ("  within the full cache's answers", figures["within_full_cache"]),
-            ("  within the compressed caches' answers", figures["within_compressed"])]
+            ("  within the compressed caches' answers", figures["within_compressed"]),
+            ("  baseline: the answer's length alone", figures["length_only"])]
     rows += [(f"held-out task: {task}", f) for task, f in figures["heldout"].items()]
     lines = ["| evaluation | AUROC [95% CI] | unsupported / supported | contexts |", "| --- | --- | --- | --- |"]
     lines += ["| " + " | ".join([name, *_cell(f)]) + " |" for name, f in rows]
