@@ -28,8 +28,12 @@ class WordTokenizer:
     bos_token_id = None
     chat_template = None
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [2 + zlib.crc32(w.encode()) % (VOCAB - 2) for w in WORD.findall(text)]}
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False) -> dict:
+        words = list(WORD.finditer(text))
+        out: dict = {"input_ids": [2 + zlib.crc32(w.group().encode()) % (VOCAB - 2) for w in words]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [w.span() for w in words]
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return " ".join(f"t{i}" for i in ids if i > 1)

@@ -810,6 +810,10 @@ class HeadwiseCache(Cache):
         """Tokens kept per compressed layer and KV head."""
         return [layer.kept() for layer in self.compressed_layers]
 
+    def held_positions(self) -> dict[int, list[torch.Tensor]]:
+        """The positions each KV head holds (batch row 0, int64), by the index of each compressed layer."""
+        return {layer.layer_idx: [h.positions[0].long() for h in layer.heads] for layer in self.compressed_layers}
+
     def metadata_bytes(self) -> int:
         return sum(layer.metadata_bytes() for layer in self.compressed_layers)
 

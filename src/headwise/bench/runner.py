@@ -64,6 +64,7 @@ from headwise.bench.tasks import Sample
 from headwise.cache import HeadwiseCache, Plan
 from headwise.checks import check_chunk_size
 from headwise.errors import HeadwiseError
+from headwise.explain.needles import needle_kept, needle_positions
 from headwise.generation import cache_bytes, prefill
 from headwise.memory import PeakRSS
 from headwise.models import LoadedModel
@@ -386,6 +387,10 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
             if cell.is_reference:
                 references[sample.id] = Reference(got.tokens, fidelity[0])
             rows.append(answer_row(sample, got, len(ids) + len(tail), fidelity, references[sample.id].nll))
+            if isinstance(cache, HeadwiseCache) and cache.plan.policy.compresses:
+                needle = needle_positions(ctx.lm, sample)
+                if needle:  # where the needle went: the share of its tokens each KV head holds
+                    rows[-1]["needle_kept"] = needle_kept(cache.held_positions(), needle)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     kv, prefills, compressions, computed = (sum(column) / len(built) for column in zip(*built, strict=True))
     return {

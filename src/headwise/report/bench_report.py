@@ -47,6 +47,8 @@ PLOTS = {
     "top1_vs_ratio.png": "Top-1 agreement with the full cache's answer vs fraction of KV removed",
     "kv_bytes_vs_ratio.png": "KV-cache MiB held after prefill vs fraction removed",
     "sparse_heads.png": "Share of the causal attention sparse prefill computed, per layer (rows) and KV head (columns)",
+    "needle_heads.png": "Where the needle went: the share of the needle's tokens each KV head held (rows: compressed "
+                        "layers, columns: KV heads), over wrong and over right answers, every ratio",
 }
 
 ALIASES = {"peak_rss_bytes": "peak_rss", "peak_rss_delta_bytes": "peak_rss_delta"}
@@ -669,8 +671,58 @@ def _heads_png(grids: dict[str, list[list[float]]]) -> bytes:
     return buffer.getvalue()
 
 
+def _grid(kept: dict[str, list[float]]) -> list[list[float]]:
+    return [kept[layer] for layer in sorted(kept, key=int)]
+
+
+def needle_heads(panels: Sequence[Panel]) -> dict[tuple[str, str], dict[str, tuple[list[list[float]], int]]]:
+    """Per panel and compressed method (its label), the mean share of the needle each KV head held over the wrong
+    answers and over the right ones (every ratio), with how many answers each mean has."""
+    out: dict[tuple[str, str], dict[str, tuple[list[list[float]], int]]] = {}
+    for panel in panels:
+        by: dict[str, dict[str, list[list[list[float]]]]] = defaultdict(lambda: {"wrong": [], "right": []})
+        for r in panel.parts:
+            for s in r.get("samples", ()):
+                if s.get("needle_kept"):
+                    kind = "right" if s["score"] >= 1 else "wrong"
+                    by[label(r["library"], r["method"], r["protocol"])][kind].append(_grid(s["needle_kept"]))
+        for name, kinds in sorted(by.items()):
+            out[panel_title(panel), name] = {
+                kind: ([[sum(g[i][h] for g in grids) / len(grids) for h in range(len(grids[0][i]))]
+                        for i in range(len(grids[0]))], len(grids)) for kind, grids in kinds.items() if grids}
+    return out
+
+
+def _needle_png(found: dict[tuple[str, str], dict[str, tuple[list[list[float]], int]]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(found), 2, figsize=(4.2, 2.4 * len(found) + 0.6), squeeze=False)
+    shown = None
+    for row, ((title, name), kinds) in zip(axes, found.items(), strict=True):
+        for ax, kind in zip(row, ("wrong", "right"), strict=True):
+            ax.set_xticks([])
+            if kind not in kinds:
+                ax.set_axis_off()
+                continue
+            grid, count = kinds[kind]
+            shown = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            ax.set_title("\n".join(textwrap.wrap(f"{title}: {name}, {kind} ({count})", 34)), fontsize=6)
+            ax.set_ylabel("layer", fontsize=6)
+            ax.tick_params(labelsize=5)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), label="share of the needle held", shrink=0.6)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def plots(panels: Sequence[Panel]) -> dict[str, bytes]:
-    """The PNG plots, one axis per model and length (and the per-head picture of sparse prefill, if any ran)."""
+    """The PNG plots, one axis per model and length (and the per-head pictures of sparse prefill and of where the
+    needle went, when the records have them)."""
     pngs = {
         "score_vs_ratio.png": _plot(
             panels, _headline_points("score"), "score", PLOTS["score_vs_ratio.png"], (-0.03, 1.03)
@@ -686,6 +738,9 @@ def plots(panels: Sequence[Panel]) -> dict[str, bytes]:
     grids = sparse_heads(panels)
     if grids:
         pngs["sparse_heads.png"] = _heads_png(grids)
+    found = needle_heads(panels)
+    if found:
+        pngs["needle_heads.png"] = _needle_png(found)
     return pngs
 
 
