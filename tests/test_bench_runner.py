@@ -273,7 +273,8 @@ def test_sweep_writes_one_part_per_cell_and_context_with_fidelity(tmp_path, lm, 
                 assert row["nll"] == pytest.approx(row["nll_full"])
             assert ("needle_kept" in row) == (record["method"] != "full")
             if "needle_kept" in row:  # the needle: the answer's word, where the context holds it
-                assert sorted(row["needle_kept"]) == ["0", "1"] and all(len(v) == 2 for v in row["needle_kept"].values())
+                kept = row["needle_kept"]
+                assert sorted(kept) == ["0", "1"] and all(len(v) == 2 for v in kept.values())
                 assert all(0 <= share <= 1 for v in row["needle_kept"].values() for share in v)
     by = {(r["task"], r["context_id"], r["method"], r["calibration"]): r for r in records}
     for (task, context_id, method, calibrated), record in by.items():
