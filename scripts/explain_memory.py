@@ -10,8 +10,10 @@ Each measurement runs in a fresh process (spawned), so a freed allocation of an 
 the model is loaded, the prompt built (the benchmark's timing prompt: a passkey context of the length, needle at
 depth 0.5, with its question), then :class:`headwise.memory.PeakRSS` records the peak resident memory above the
 level after loading while one tool runs. Three tools per length: a plain forward pass of the prompt (what any
-use of the model costs), rollout of the model's own greedy answer (:func:`headwise.explain.rollout.attribute`)
-and the head view with four query positions (:func:`headwise.explain.headview.head_view`). Reported with each:
+use of the model costs), rollout of the prompt's next token (:func:`headwise.explain.rollout.attribute`; an
+answer would add its few tokens) and the head view with four query positions
+(:func:`headwise.explain.headview.head_view`); nothing else runs in the process before, so every peak is measured
+from the same level. Reported with each:
 its seconds, and the bytes per token of the peak, which stay flat when memory is linear; for scale, the float32
 attention maps of one layer (``heads x n x n``) are given too.
 """
@@ -44,17 +46,12 @@ def measure(model: str, length: int, tool: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     lm = load_model(model)
     _, ids = timing_prompt(lm, length)
-    answer = None
-    if tool == "rollout":  # the model's own first answer tokens (a passkey: the five digits and a period)
-        with torch.inference_mode():
-            logits = lm.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits
-        answer = [int(logits[0, -1].argmax())]
     start = time.perf_counter()
     with PeakRSS() as mem, torch.inference_mode():
         if tool == "forward":
             lm.model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
         elif tool == "rollout":
-            attribute(lm, ids, answer)
+            attribute(lm, ids)
         else:
             head_view(lm, ids)
     return {"tool": tool, "length": len(ids), "peak_bytes": mem.delta, "seconds": time.perf_counter() - start,

@@ -115,6 +115,7 @@ def test_evaluate_reports_cross_validated_and_heldout_aurocs():
     table = markdown(figures)
     assert "held-out task: qa" in table and "within the full cache" in table
     assert figures["length_only"]["auroc"] < 0.7  # the synthetic lengths carry no signal
+    assert set(figures["per_cache"]) == {"full@0", "snapkv@0.9"} and "within one cache" in table
     with pytest.raises(HeadwiseError, match="not in the data"):
         evaluate(data, ["vartrack"])
 

@@ -6,6 +6,7 @@ What is reported (:func:`evaluate`), every AUROC with a 95% interval that resamp
 - AUROC on each held-out task kind, by a probe fitted on the training tasks only;
 - the cross-validated AUROC within the full cache's answers and within the compressed caches' answers, so a
   probe that only tells caches apart shows up;
+- the same out-of-fold AUROC within each cache (method and ratio) that gave both kinds of answer;
 - a baseline: the same cross-validated probe on the answer's length alone (its generation steps), since made-up
   answers are often shorter or longer than copied ones;
 - with a head profile: the probe on the profile's retrieval heads only, against as many other heads drawn at
@@ -102,7 +103,12 @@ def evaluate(data: Dataset, heldout: Sequence[str], *, strength: float = 1.0,
         "within_compressed": _figure(oof[~full], train.subset(~full)) if (~full).any() else None,
         "length_only": _figure(out_of_fold(train.steps[:, None], train.y, train.contexts, strength=strength), train),
         "heldout": {},
+        "per_cache": {},
     }
+    for method in sorted(set(train.methods)):
+        keep = np.array([m == method for m in train.methods])
+        if len(set(train.y[keep].tolist())) == 2:
+            figures["per_cache"][method] = _figure(oof[keep], train.subset(keep))
     for task in heldout:
         test = data.subset(np.array([t == task for t in data.tasks]))
         figures["heldout"][task] = _figure(predict(train.x, train.y, test.x, strength=strength), test)
@@ -157,6 +163,10 @@ def markdown(figures: dict) -> str:
     rows += [(f"held-out task: {task}", f) for task, f in figures["heldout"].items()]
     lines = ["| evaluation | AUROC [95% CI] | unsupported / supported | contexts |", "| --- | --- | --- | --- |"]
     lines += ["| " + " | ".join([name, *_cell(f)]) + " |" for name, f in rows]
+    if figures.get("per_cache"):
+        lines += ["", "| within one cache (cross-validated) | AUROC [95% CI] | unsupported / supported | contexts |",
+                  "| --- | --- | --- | --- |"]
+        lines += ["| " + " | ".join([name, *_cell(f)]) + " |" for name, f in figures["per_cache"].items()]
     heads = figures.get("heads")
     if heads:
         lines += ["", f"Retrieval heads in the profile: {heads['retrieval_heads']}."]
