@@ -252,7 +252,7 @@ def test_markdown_report_has_the_tables(records):
 def test_html_report_is_self_contained_and_escaped(records, tmp_path):
     path = build_report(records, tmp_path)
     html = path.read_text()
-    dense_plots = [name for name in PLOTS if name != "sparse_heads.png"]  # no sparse prefill ran
+    dense_plots = [name for name in PLOTS if name not in ("sparse_heads.png", "needle_heads.png")]  # neither ran
     assert len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)) == len(dense_plots)
     assert not re.search(r"https?://", html) and "<link" not in html
     assert html.count("<table>") == 6  # gate, headline, per task, costs, sweep, provenance
