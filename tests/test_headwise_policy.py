@@ -14,7 +14,7 @@ from conftest import tiny_model
 from headwise.api import make_cache
 from headwise.errors import HeadwiseError
 from headwise.generation import prefill
-from headwise.policies.headwise import coverage_budgets, role_budgets
+from headwise.policies.headwise import coverage_budgets, promote_far_heads, role_budgets
 from headwise.profile.schema import HeadProfile
 
 
@@ -224,3 +224,42 @@ def test_a_profile_with_other_layer_types_is_refused(tmp_path):
     gemma.config.layer_types = ["full_attention", "sliding_attention"] * 2
     with pytest.raises(HeadwiseError, match="layer types"):
         make_cache(gemma, "headwise", ratio=0.5, options={"profile": path})
+
+
+def test_promote_far_heads_serves_the_farthest_reaching_heads_after_the_retrieval_heads():
+    kinds = {(0, 0): "retrieval", (0, 1): "streaming", (1, 0): "other", (1, 1): "other"}
+    strength = {(0, 0): 0.3, (0, 1): 0.0, (1, 0): 0.0, (1, 1): 0.0}
+    far = {(0, 0): 0.0, (0, 1): 0.5, (1, 0): 0.1, (1, 1): 0.7}
+    promoted, order = promote_far_heads(kinds, strength, far, 2)
+    assert promoted == {(0, 0): "retrieval", (0, 1): "retrieval", (1, 0): "other", (1, 1): "retrieval"}
+    # the profile's retrieval head first, then by far mass
+    assert order[(0, 0)] > order[(1, 1)] > order[(0, 1)] and order[(1, 0)] == 0.0
+    assert promote_far_heads(kinds, strength, far, 0) == (kinds, strength)
+    assert set(promote_far_heads(kinds, strength, far, 10)[0].values()) == {"retrieval"}
+    budgets = role_budgets([promoted[k] for k in kinds], [order[k] for k in kinds], 100, 250, 10)
+    assert budgets == [100, 40, 10, 100]  # whole in order of service; what is left goes to the next in line
+
+
+def test_headwise_whole_keeps_more_heads_whole(tmp_path):
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
+    near = {"locality_8": 0.97, "locality_32": 1.0}
+    far = {"locality_8": 0.1, "locality_32": 0.3}
+    heads = [[near, near], [far, near], [near, near]]
+    metrics = {m: [[h[m] for h in layer] for layer in heads] for m in near}
+    path = synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
+    n, ratio = 200, 0.6
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0))
+    for budgets in ("coverage", "roles"):
+        cache = make_cache(model, "headwise", ratio=ratio,
+                           options={"profile": path, "sinks": 2, "window": 4, "whole": 1, "budgets": budgets})
+        prefill(model, ids, cache)
+        kept = cache.kept()
+        assert kept[0][0] == kept[1][0] == n  # the retrieval head, then the head reaching farthest
+        assert sum(map(sum, kept)) == round((1 - ratio) * n) * 6
+    with pytest.raises(HeadwiseError, match="whole must be"):
+        make_cache(model, "headwise", ratio=ratio, options={"profile": path, "whole": -1})
+    bare = synthetic_profile(model, tmp_path, roles, retrieval, locality=False)
+    with pytest.raises(HeadwiseError, match="locality metrics"):
+        make_cache(model, "headwise", ratio=ratio, options={"profile": bare, "budgets": "roles", "whole": 2})

@@ -25,6 +25,10 @@ Either way each head ranks its tokens by its role: streaming heads (profile role
 the sinks plus the most recent tokens (StreamingLLM), the others their top tokens by ``other`` (SnapKV by
 default); ``other=streaming_llm`` makes every head keep sinks plus a recent window.
 
+``whole=N`` serves N more heads as retrieval heads, those that send the most attention beyond the profile's
+largest measured window first: DuoAttention keeps a quarter to a half of a GQA model's heads whole, while the
+profile's retrieval threshold picks a few.
+
 RazorAttention's compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies
 to any policy).
 """
@@ -61,6 +65,21 @@ def head_kinds(profile: HeadProfile, retrieval_threshold: float) -> tuple[dict[t
             kinds[layer, head] = "retrieval" if is_retrieval else "streaming" if role in STREAMING_ROLES else "other"
             strength[layer, head] = score
     return kinds, strength
+
+
+def promote_far_heads(
+    kinds: dict[tuple[int, int], str], strength: dict[tuple[int, int], float], far: dict[tuple[int, int], float],
+    count: int,
+) -> tuple[dict[tuple[int, int], str], dict[tuple[int, int], float]]:
+    """``kinds`` and ``strength`` with the ``count`` non-retrieval heads of most ``far`` mass made retrieval heads.
+
+    They are served after every profile retrieval head, the farthest-reaching first: their strength becomes
+    ``far - 2``, below any retrieval score (which lies in [0, 1]).
+    """
+    rest = sorted((k for k, kind in kinds.items() if kind != "retrieval"), key=lambda k: -far[k])
+    chosen = rest[:max(count, 0)]
+    return ({**kinds, **dict.fromkeys(chosen, "retrieval")},
+            {**strength, **{k: far[k] - 2.0 for k in chosen}})
 
 
 def role_budgets(
@@ -199,6 +218,9 @@ class HeadAware(Policy):
         profile's locality curves (the profile needs its locality metrics, which ``headwise profile`` writes);
         ``"roles"``: streaming heads keep sinks + window and the other heads share it (see the module
         docstring). Coverage follows the full cache more closely (answer NLL and top-1 agreement, BENCHMARKS.md).
+    whole : int
+        More KV heads served as retrieval heads (grown to the whole context while the budget allows), those
+        with the most attention mass beyond the profile's largest window first (needs its locality metrics).
     """
 
     name: ClassVar[str] = "headwise"
@@ -208,6 +230,7 @@ class HeadAware(Policy):
     other: str = "snapkv"
     retrieval_threshold: float = 0.1
     budgets: str = "coverage"
+    whole: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -222,8 +245,14 @@ class HeadAware(Policy):
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
+        if self.whole < 0:
+            raise HeadwiseError(f"headwise: whole must be >= 0, not {self.whole}")
         self._kinds, self._strength = head_kinds(self._profile, self.retrieval_threshold)
-        self._curves = self._coverage_curves() if self.budgets == "coverage" else None
+        curves = self._coverage_curves() if self.budgets == "coverage" or self.whole else None
+        if curves and self.whole:  # attention beyond the largest window: 1 - the last point of the curve
+            far = {k: 1.0 - max((m for _, m in curve), default=0.0) for k, curve in curves.items()}
+            self._kinds, self._strength = promote_far_heads(self._kinds, self._strength, far, self.whole)
+        self._curves = curves if self.budgets == "coverage" else None
         self._memo: tuple[tuple[int, int], dict[tuple[int, int], int]] | None = None
 
     def _coverage_curves(self) -> dict[tuple[int, int], list[tuple[int, float]]]:
@@ -231,8 +260,8 @@ class HeadAware(Policy):
         windows = self._profile.settings.get("windows", [])
         n_sink = self._profile.settings.get("n_sink", 0)
         if not windows or any(f"locality_{w}" not in self._profile.kv_metrics for w in windows):
-            raise HeadwiseError("headwise: budgets=coverage (the default) needs a profile with locality metrics; "
-                                "give budgets=roles for one without")
+            raise HeadwiseError("headwise: budgets=coverage (the default) and whole need a profile with locality "
+                                "metrics; give budgets=roles and no whole for one without")
         return {
             (layer, head): [(n_sink + w, self._profile.kv_metrics[f"locality_{w}"][layer][head]) for w in windows]
             for layer, head in self._kinds

@@ -699,17 +699,19 @@ def _needle_png(found: dict[tuple[str, str], dict[str, tuple[list[list[float]], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(found), 2, figsize=(4.2, 2.4 * len(found) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(found), 2, figsize=(5.4, 2.6 * len(found) + 0.6), squeeze=False,
+                             layout="constrained")
     shown = None
     for row, ((title, name), kinds) in zip(axes, found.items(), strict=True):
         for ax, kind in zip(row, ("wrong", "right"), strict=True):
-            ax.set_xticks([])
             if kind not in kinds:
                 ax.set_axis_off()
                 continue
             grid, count = kinds[kind]
             shown = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            ax.set_title("\n".join(textwrap.wrap(f"{title}: {name}, {kind} ({count})", 34)), fontsize=6)
+            ax.set_title("\n".join(textwrap.wrap(f"{title}: {name}, {kind} ({count})", 30)), fontsize=6)
+            ax.set_xticks(range(len(grid[0])))
+            ax.set_xlabel("KV head", fontsize=6)
             ax.set_ylabel("layer", fontsize=6)
             ax.tick_params(labelsize=5)
     if shown is not None:

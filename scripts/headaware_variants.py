@@ -1,0 +1,153 @@
+"""Variants of the head-aware policy on a dev seed, side by side on the same answers, to choose among.
+
+Usage::
+
+    .venv/bin/python scripts/headaware_variants.py --profile results/profiles/smollm2-135m/profile.json \\
+        --variant base --variant compensate:compensate=true --variant whole12:whole=12 \\
+        [--tasks passkey,multikey,vartrack,qa] [--length 2048] [--contexts 6] [--seed 1] [--ratios 0.75,0.9] \\
+        [--store runs/headaware-dev/variants.jsonl] [--summary FILE.json]
+
+A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options of the ``headwise`` policy;
+``--profile`` is added to every variant). Each context is prefilled once, densely, and every variant's cache at
+every ratio is built from that prefill, as ``headwise bench`` does for its methods (the same protocol, parts and
+fidelity: :func:`headwise.bench.runner.run_part`). The store is resumable: rerun the same line to go on. The
+summary gives, per variant and ratio, the mean over the tasks' means with its 95% bootstrap interval (whole
+contexts resampled within each task), and the paired difference with the first variant on the same answers.
+
+Choose on a dev seed (not the calibration seed 100, nor a reported seed), then report the chosen options with
+``headwise bench`` on other seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from headwise.bench import runner
+from headwise.bench.cli import check_tasks, split_list, task_samples
+from headwise.bench.intervals import bootstrap_mean, excludes_zero, paired_difference
+from headwise.bench.store import append_record, read_records, repair
+from headwise.checks import check_output_file, set_threads
+from headwise.errors import HeadwiseError, run_cli
+from headwise.models import load_model
+from headwise.report.html import write_atomic
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``NAME`` or ``NAME:KEY=VALUE,...`` as (name, options)."""
+    name, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise HeadwiseError(f"variant '{text}': '{item}' is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    if not name.strip():
+        raise HeadwiseError(f"variant '{text}' has no name")
+    return name.strip(), options
+
+
+def summarise(records: list[dict], names: list[str]) -> list[dict]:
+    """Per variant and ratio: the mean of the task means with its interval, and the paired difference with the
+    first variant (over the answers both have)."""
+    scores: dict[tuple[str, float], dict[str, tuple[float, str, str]]] = defaultdict(dict)
+    for r in records:
+        for s in r["samples"]:
+            scores[r["variant"], r["ratio"]][s["id"]] = (s["score"], r["context_id"], r["task"])
+    rows = []
+    for (name, ratio), got in sorted(scores.items(), key=lambda kv: (kv[0][1], names.index(kv[0][0]))):
+        ids = sorted(got)
+        row = {"variant": name, "ratio": ratio, "answers": len(ids),
+               "score": bootstrap_mean([got[i][0] for i in ids], [got[i][1] for i in ids],
+                                       [got[i][2] for i in ids])._asdict()}
+        base = scores.get((names[0], ratio), {})
+        both = [i for i in ids if i in base]
+        if name != names[0] and both:
+            diff = paired_difference([got[i][0] for i in both], [base[i][0] for i in both],
+                                     [got[i][1] for i in both], [got[i][2] for i in both])
+            row["vs_first"] = {**diff._asdict(), "answers": len(both), "excludes_zero": excludes_zero(diff)}
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--profile", required=True, help="the head profile every variant plans from")
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME[:KEY=VALUE,...]")
+    parser.add_argument("--tasks", default="passkey,multikey,vartrack,qa")
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--contexts", type=int, default=6, help="contexts per task")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths, cycled over the contexts")
+    parser.add_argument("--seed", type=int, default=1, help="the dev seed")
+    parser.add_argument("--ratios", default="0.75,0.9")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--store", default="runs/headaware-dev/variants.jsonl")
+    parser.add_argument("--summary", default=None, help="also write the summary to this JSON file")
+    args = parser.parse_args()
+    variants = [parse_variant(v) for v in args.variant]
+    names = [name for name, _ in variants]
+    if len(set(names)) != len(names):
+        raise HeadwiseError(f"variant names repeat: {', '.join(names)}")
+    task_names = split_list(args.tasks, what="task")
+    check_tasks(task_names)
+    ratios = split_list(args.ratios, float, "ratio")
+    store = Path(args.store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(store)
+    if args.summary:
+        check_output_file(Path(args.summary))
+    if not Path(args.profile).is_file():
+        raise HeadwiseError(f"no profile at {args.profile}")
+    set_threads(args.threads)
+    cells: dict[str, tuple[str | None, runner.Cell]] = {}  # key -> (variant, cell); the full cache's variant: None
+    for name, options in variants:
+        for cell in runner.plan_cells(args.model, ["headwise"], ratios, task_names, [args.length],
+                                      n_samples=args.contexts, seed=args.seed, calibration_seed=None,
+                                      options={"headwise": {**options, "profile": args.profile}}):
+            cells.setdefault(cell.key(), (None if cell.is_reference else name, cell))
+    lm = load_model(args.model)
+    samples = task_samples(lm, [c for _, c in cells.values()], split_list(args.depths, float, "depth"))
+    repair(store)
+    stored = {r["key"]: r for r in read_records(store)}
+    runner.check_versions(stored.values(), runner.LIBRARY, runner.fingerprint(), allow_mixed=False)
+    work = [(group, questions) for group, qs in samples.items() for questions in runner.contexts(qs)]
+    todo = [(g, q, v, c) for g, q in work for v, c in cells.values()
+            if c.part_key(q[0].context_id, runner.context_digest(q)) not in stored]
+    with tqdm(total=len(todo), desc="variants", unit="part") as bar:
+        for group, questions in work:
+            digest = runner.context_digest(questions)
+            ctx = runner.Context(lm, questions)
+            group_cells = [(v, c) for v, c in cells.values() if (c.task, c.length, c.seed) == group]
+            references = runner.stored_references(stored, [c for _, c in group_cells], ctx.id, digest)
+            for variant, cell in sorted(group_cells, key=lambda vc: not vc[1].is_reference):
+                if cell.part_key(ctx.id, digest) in stored:
+                    continue
+                bar.set_postfix_str(f"{ctx.id} {variant or 'full'} {cell.ratio:g}")
+                record = {**runner.run_part(ctx, cell, references), "variant": variant, **runner.provenance()}
+                append_record(store, record)
+                stored[record["key"]] = record
+                bar.update(1)
+    records = [r for r in stored.values() if r.get("variant") in names and r["seed"] == args.seed]
+    rows = summarise(records, names)
+    for row in rows:
+        s = row["score"]
+        line = f"{row['variant']:>16} {row['ratio']:<5g} {s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]"
+        line += f" ({row['answers']})"
+        if "vs_first" in row:
+            d = row["vs_first"]
+            line += f"  vs {names[0]}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+            line += " *" if d["excludes_zero"] else ""
+        print(line)
+    if args.summary:
+        write_atomic(Path(args.summary), json.dumps({"rows": rows, "variants": dict(variants), "model": lm.name,
+                                                     "length": args.length, "seed": args.seed,
+                                                     "versions": runner.versions()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main, "headaware_variants.py"))
