@@ -116,8 +116,8 @@ def main() -> None:
     stored = {r["key"]: r for r in read_records(store)}
     runner.check_versions(stored.values(), runner.LIBRARY, runner.fingerprint(), allow_mixed=False)
     work = [(group, questions) for group, qs in samples.items() for questions in runner.contexts(qs)]
-    todo = [(g, q, v, c) for g, q in work for v, c in cells.values()
-            if c.part_key(q[0].context_id, runner.context_digest(q)) not in stored]
+    todo = [c for g, q in work for _, c in cells.values()
+            if (c.task, c.length, c.seed) == g and c.part_key(q[0].context_id, runner.context_digest(q)) not in stored]
     with tqdm(total=len(todo), desc="variants", unit="part") as bar:
         for group, questions in work:
             digest = runner.context_digest(questions)
