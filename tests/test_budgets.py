@@ -6,8 +6,10 @@ import itertools
 import random
 
 import pytest
+import torch
 
-from headwise.budgets import layer_budgets, layer_fractions
+from headwise.budgets import chunk_scores, layer_budgets, layer_fractions
+from headwise.errors import HeadwiseError
 
 
 def naive_shifted(mean: int, fractions: list[float], low: int, high: int) -> list[float]:
@@ -62,3 +64,19 @@ def test_layer_budgets_give_what_a_clipped_layer_cannot_keep_to_the_others():
     assert layer_budgets(40, [1.5, 1.0, 0.5], 32, 100) == [54, 34, 32]
     assert layer_budgets(40, [1.0, 1.0, 1.0], 0, 100) == [40, 40, 40]
     assert layer_budgets(10, [1.5, 0.5], 32, 100) == [32, 32]  # below every floor: all at the floor
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_chunk_scores_are_the_mean_of_each_run(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    n, size = rng.randrange(0, 70), rng.randrange(1, 20)
+    scores = torch.randn(2, 3, n, generator=gen)
+    got = chunk_scores(scores, size)
+    expected = scores.clone()
+    for start in range(0, n, size):  # naive: one run at a time
+        run = scores[..., start:start + size]
+        expected[..., start:start + size] = run.mean(dim=-1, keepdim=True)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(HeadwiseError, match="at least 1"):
+        chunk_scores(scores, 0)

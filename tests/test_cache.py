@@ -572,3 +572,21 @@ def test_in_decode_mode_a_budget_larger_than_the_prompt_is_grown_into():
         for token in ids(10, seed=21)[0]:
             forward(model, cache, token.view(1, 1))
     assert cache.kept()[0] == [16, 16] and cache.get_seq_length() == 20
+
+
+def test_chunk_keeps_whole_runs_of_tokens_besides_the_protected_ones():
+    model = tiny_model("llama")
+    n, size, sinks, window = 100, 8, 2, 4
+    cache = make_cache(model, "snapkv", ratio=0.6, options={"chunk": size, "sinks": sinks, "window": window})
+    prefill(model, ids(n, seed=3), cache)
+    for layer in cache.compressed_layers:
+        for head in layer.heads:
+            kept = set(head.positions[0].tolist())
+            assert set(range(sinks)) | set(range(n - window, n)) <= kept
+            runs = {p // size for p in kept - set(range(sinks)) - set(range(n - window, n))}
+            partial = [r for r in runs if not set(range(r * size, min(n, (r + 1) * size))) <= kept]
+            # Every run is kept whole, but for the protected tokens' runs and the one the budget cuts.
+            protected_runs = {p // size for p in (*range(sinks), *range(n - window, n))}
+            assert len(set(partial) - protected_runs) <= 1
+    with pytest.raises(HeadwiseError, match="chunk must be"):
+        make_cache(model, "snapkv", ratio=0.6, options={"chunk": 0})

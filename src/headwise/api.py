@@ -28,7 +28,7 @@ from headwise.policies import POLICIES, make_policy
 from headwise.select import Selector, parse_selector
 from headwise.sparse import Pattern, parse_pattern
 
-PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce", "compensate")
+PLAN_OPTIONS = ("schedule", "slope", "allocation", "floor", "group_reduce", "compensate", "chunk")
 
 
 def policy_names() -> list[str]:

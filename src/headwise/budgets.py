@@ -7,6 +7,7 @@
   their mean kept exactly (what a clipped layer cannot take goes to the others);
 * :func:`adaptive_counts`: AdaKV-style split of one layer's budget across its heads, by one top-k over all
   heads' scores with a floor per head;
+* :func:`chunk_scores`: one score per run of consecutive tokens, so that selection keeps whole runs (ChunkKV);
 * :func:`check_schedule` and :func:`check_prompt`: the plan's layer schedule, and a prompt against the plan.
 """
 
@@ -126,6 +127,38 @@ def adaptive_counts(scores: list[torch.Tensor], total: int, floor: int) -> list[
     chosen = owners[torch.topk(torch.cat(rest), left).indices]
     extra = torch.bincount(chosen, minlength=len(scores)).tolist()
     return [b + e for b, e in zip(base, extra, strict=True)]
+
+
+def chunk_scores(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """Each token's score replaced by the mean score of its run of ``size`` consecutive tokens.
+
+    Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context LLM Inference",
+    2025: ranking runs by their total score and keeping whole runs keeps phrases whole. The mean ranks full runs
+    as their sum does, without penalising the last, shorter one.
+
+    Parameters
+    ----------
+    scores : tensor [..., n]
+        One score per token, in stored (position) order.
+    size : int
+        Tokens per run (the last run holds the ``n % size`` left over, if any); 1 leaves the scores as they are.
+
+    Returns
+    -------
+    tensor [..., n]
+        The run means, broadcast back to the tokens of each run.
+    """
+    if size < 1:
+        raise HeadwiseError(f"the chunk size must be at least 1 token, got {size}")
+    n = scores.shape[-1]
+    if size == 1 or n == 0:
+        return scores
+    runs = math.ceil(n / size)
+    padded = torch.nn.functional.pad(scores, (0, runs * size - n)).reshape(*scores.shape[:-1], runs, size)
+    lengths = torch.full((runs,), float(size), dtype=scores.dtype, device=scores.device)
+    lengths[-1] = n - (runs - 1) * size
+    means = padded.sum(dim=-1) / lengths
+    return means.repeat_interleave(size, dim=-1)[..., :n]
 
 
 def _even_split(sizes: list[int], total: int) -> list[int]:

@@ -45,6 +45,7 @@ from headwise.budgets import (
     adaptive_counts,
     check_prompt,
     check_schedule,
+    chunk_scores,
     floor_tokens,
     keep_count,
     layer_budgets,
@@ -92,6 +93,10 @@ class Plan:
         keys and values, which attention weighs as that many tokens (RazorAttention, Tang et al. 2024,
         "RazorAttention: Efficient KV Cache Compression Through Retrieval Heads"). Costs one key and one
         value per head, counted in :meth:`CompressedLayer.nbytes`.
+    chunk : int
+        Keep whole runs of this many consecutive stored tokens: each run is ranked by its tokens' total score
+        (ChunkKV, Liu et al. 2025; :func:`headwise.budgets.chunk_scores`), while the sinks and the recent window
+        stay protected token by token. 1 (default): tokens are ranked one by one.
     select : Selector, optional
         A decode-time selection rule (:mod:`headwise.select`): each single-token forward reads, per KV head,
         only the stored tokens the rule picks (Quest's pages, say), from whatever the policy kept.
@@ -112,6 +117,7 @@ class Plan:
     floor: float = 0.2
     group_reduce: str = "mean"
     compensate: bool = False
+    chunk: int = 1
     select: Selector | None = None
     sparse: Pattern | SparsePlan | None = None
 
@@ -132,6 +138,8 @@ class Plan:
                 raise HeadwiseError(f"unknown {name} '{value}'; use one of {', '.join(allowed)}")
         if not 0 <= self.floor <= 1:
             raise HeadwiseError(f"floor must be in [0, 1], got {self.floor}")
+        if self.chunk < 1:
+            raise HeadwiseError(f"chunk must be at least 1 token, got {self.chunk}")
         check_schedule(self.schedule, self.slope)
         if self.policy.scores_per_layer() and self.allocation != "uniform":
             raise HeadwiseError(f"policy '{self.policy.name}' keeps the same tokens in every head of a layer: "
@@ -682,7 +690,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def policy_scores(self) -> list[torch.Tensor]:
         """Each KV head's policy scores [B, n] (float), averaged over the heads where the plan's policy makes
-        one choice per layer (:meth:`~headwise.policies.base.Policy.scores_per_layer`)."""
+        one choice per layer (:meth:`~headwise.policies.base.Policy.scores_per_layer`), and pooled over runs of the
+        plan's ``chunk`` tokens."""
         scores = []
         for head in self.heads:
             tensors = (head.keys, head.values, head.state, head.positions)
@@ -690,7 +699,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.plan.policy.scores_per_layer():
             shared = torch.stack(scores).mean(dim=0)  # the heads hold the same tokens (one choice per layer)
             scores = [shared] * len(scores)
-        return scores
+        return [chunk_scores(s, self.plan.chunk) for s in scores]
 
     def scores(self, head: _Head, score: torch.Tensor, valid: torch.Tensor | None, budget: int) -> torch.Tensor:
         """``head``'s policy scores ``score`` [B, n] with protected tokens at +inf and padding at -inf."""
