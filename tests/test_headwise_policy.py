@@ -263,3 +263,41 @@ def test_headwise_whole_keeps_more_heads_whole(tmp_path):
     bare = synthetic_profile(model, tmp_path, roles, retrieval, locality=False)
     with pytest.raises(HeadwiseError, match="locality metrics"):
         make_cache(model, "headwise", ratio=ratio, options={"profile": bare, "budgets": "roles", "whole": 2})
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_role_budgets_with_a_cap_serve_retrieval_heads_up_to_it_then_the_others(seed):
+    rng = random.Random(seed)
+    heads = rng.randrange(1, 10)
+    kinds = [rng.choice(["retrieval", "streaming", "other"]) for _ in range(heads)]
+    strength = [rng.random() for _ in range(heads)]
+    n, floor = rng.randrange(10, 300), rng.randrange(0, 10)
+    cap = rng.randrange(floor, n + 1)
+    total = rng.randrange(0, heads * n + 50)
+    curves = [concave_curve(rng, n) for _ in range(heads)] if rng.random() < 0.5 else None
+    counts = role_budgets(kinds, strength, n, total, floor, curves, cap)
+    assert sum(counts) == min(total, heads * n) and all(0 <= c <= n for c in counts)
+    retrieval = [i for i, k in enumerate(kinds) if k == "retrieval"]
+    others = [i for i, k in enumerate(kinds) if k != "retrieval"]
+    if any(counts[i] > max(floor, cap) for i in retrieval):  # past the cap only when the others are full
+        assert all(counts[i] == n for i in others)
+    if heads * min(floor, n) < min(total, heads * n) and any(counts[i] > floor for i in others):
+        assert all(counts[i] >= min(cap, n) for i in retrieval)  # the others grow once retrieval heads reach the cap
+
+
+def test_retrieval_keep_caps_the_retrieval_head_and_gives_the_rest_to_the_others(tmp_path):
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
+    n, ratio = 200, 0.6
+    ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0))
+    options = {"profile": path, "sinks": 2, "window": 4, "budgets": "roles"}
+    kept = {}
+    for keep in (1.0, 0.25):
+        cache = make_cache(model, "headwise", ratio=ratio, options={**options, "retrieval_keep": keep})
+        prefill(model, ids, cache)
+        kept[keep] = cache.kept()
+    assert kept[1.0][0][0] == n and kept[0.25][0][0] == 50
+    assert kept[0.25][1][0] > kept[1.0][1][0]  # the mixed heads get what the retrieval head no longer takes
+    with pytest.raises(HeadwiseError, match="retrieval_keep"):
+        make_cache(model, "headwise", ratio=ratio, options={**options, "retrieval_keep": 0})

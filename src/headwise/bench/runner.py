@@ -368,7 +368,7 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
 
     For the full cell, ``references`` is filled with its answers; other cells need them there.
     """
-    wall, cpu = time.perf_counter(), time.process_time()
+    started = time.perf_counter(), time.process_time()
     rows, built = [], []  # built: (kv bytes, prefill and compression seconds, computed fraction) per cache built
     with PeakRSS() as mem:
         cache = None
@@ -391,13 +391,22 @@ def run_part(ctx: Context, cell: Cell, references: dict[str, Reference]) -> dict
                 needle = needle_positions(ctx.lm, sample)
                 if needle:  # where the needle went: the share of its tokens each KV head holds
                     rows[-1]["needle_kept"] = needle_kept(cache.held_positions(), needle)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    record = part_record(ctx, cell, rows, built, mem, started)
+    return {**record, **({"computed_fractions": per_head} if "sparse" in cell.options else {})}
+
+
+def part_record(ctx: Context, cell: Cell, rows: list[dict], built: Sequence[tuple[float, float, float, float]],
+                mem: PeakRSS, started: tuple[float, float]) -> dict:
+    """A part's record (without provenance) from its answers' ``rows`` and, per cache built, its (kv bytes,
+    prefill seconds, compression seconds, computed fraction), averaged; ``mem`` watched the part and ``started``
+    holds the wall and CPU clocks at its start. A peer that answers without a transformers cache (OpenVINO's)
+    builds its records with it too."""
+    wall, cpu = time.perf_counter() - started[0], time.process_time() - started[1]
     kv, prefills, compressions, computed = (sum(column) / len(built) for column in zip(*built, strict=True))
     return {
         "key": cell.part_key(ctx.id, ctx.digest), "cell": cell.key(), **asdict(cell), "context_id": ctx.id,
         "score": sum(r["score"] for r in rows) / len(rows), "kv_bytes": kv, "prefill_seconds": prefills,
         "compress_seconds": compressions, "computed_fraction": computed,
-        **({"computed_fractions": per_head} if "sparse" in cell.options else {}),
         "shared_prefill": ctx.shares(cell), "peak_rss": mem.peak, "peak_rss_delta": mem.delta,
         "wall_seconds": wall, "cpu_seconds": cpu, "samples": rows,
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -441,15 +450,19 @@ def check_versions(records: Iterable[dict], library: str, current: str, *, allow
 @dataclass(frozen=True)
 class Peer:
     """What a peer runner changes in :func:`sweep`: its library name, fingerprint and provenance, how it builds
-    a context (a :class:`Context` whose ``compressed`` builds the peer's caches) and the fields it adds to a part's
-    record. The protocol, the part records, the order (the full cache first per context) and the store are the
-    sweep's."""
+    a context (a :class:`Context` whose ``compressed`` builds the peer's caches), the fields it adds to a part's
+    record and, for a library with no transformers cache, how it runs a part. The order (the full cache first per
+    context), the references, the store and its checks are the sweep's; the protocol and the part records are
+    :func:`run_part`'s, or for such a library its own loop's, recorded by :func:`part_record`."""
 
     library: str
     fingerprint: str
     provenance: dict
     context: Callable[[Sequence[Sample]], Context]
     extra: Callable[[Context, Cell, dict], dict]
+    #: how a part is run: headwise's protocol on the peer's transformers caches (:func:`run_part`), or the peer's
+    #: own loop for a library with no such cache, returning the same record (:func:`part_record`)
+    part: Callable[[Context, Cell, dict[str, Reference]], dict] = run_part
 
 
 def sweep(
@@ -496,7 +509,7 @@ def sweep(
         references = stored_references(stored, groups[g], context_id, digest)
         for cell in sorted(missing, key=lambda c: not c.is_reference):
             bar.set_postfix_str(f"{ctx.id} {cell.method} {cell.ratio:g} {cell.protocol}")
-            record = run_part(ctx, cell, references)
+            record = (peer.part if peer else run_part)(ctx, cell, references)
             record = {**record, **(peer.extra(ctx, cell, record) if peer else {}), **meta}
             append_record(store, record)
             stored[record["key"]] = record

@@ -27,7 +27,8 @@ default); ``other=streaming_llm`` makes every head keep sinks plus a recent wind
 
 ``whole=N`` serves N more heads as retrieval heads, those that send the most attention beyond the profile's
 largest measured window first: DuoAttention keeps a quarter to a half of a GQA model's heads whole, while the
-profile's retrieval threshold picks a few.
+profile's retrieval threshold picks a few. ``retrieval_keep=f`` caps what a retrieval head takes in step 2 at
+the share ``f`` of the context (its tokens then ranked by ``other``), so a tight budget reaches the other heads.
 
 RazorAttention's compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies
 to any policy).
@@ -36,6 +37,7 @@ to any policy).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,6 +91,7 @@ def role_budgets(
     total: int,
     floor: int,
     curves: list[list[tuple[int, float]]] | None = None,
+    cap: int | None = None,
 ) -> list[int]:
     """Tokens per head for heads of ``kinds`` ('retrieval', 'streaming' or 'other') out of ``n`` each.
 
@@ -108,6 +111,9 @@ def role_budgets(
         Coverage curve of each head (see :func:`coverage_budgets`). If given, what the retrieval heads leave
         goes to the other heads, whatever their kind, by coverage; otherwise 'other' heads share it evenly
         before 'streaming' heads get any.
+    cap : int, optional
+        Tokens a retrieval head grows to before the other heads get any (at least ``floor``); what the others
+        cannot take goes back to the retrieval heads. None: the whole context.
 
     Returns
     -------
@@ -123,18 +129,25 @@ def role_budgets(
     counts = [floor] * heads
     left = total - heads * floor
     retrieval = sorted((i for i, k in enumerate(kinds) if k == "retrieval"), key=lambda i: -strength[i])
-    for i in retrieval:
-        grow = min(n - counts[i], left)
-        counts[i] += grow
-        left -= grow
+
+    def serve_retrieval(up_to: int, left: int) -> int:  # grow them in turn up to ``up_to``; return what is left
+        for i in retrieval:
+            grow = min(max(up_to - counts[i], 0), left)
+            counts[i] += grow
+            left -= grow
+        return left
+
+    left = serve_retrieval(n if cap is None else min(max(cap, floor), n), left)
     if curves is not None:
         rest = [i for i, k in enumerate(kinds) if k != "retrieval"]
         shifted = [[(t - floor, m) for t, m in curves[i]] for i in rest]
         for i, grow in zip(rest, coverage_budgets(shifted, n - floor, left), strict=True):
             counts[i] += grow
-        return counts
-    for kind in ("other", "streaming"):
-        left = share_evenly(counts, {i: n for i, k in enumerate(kinds) if k == kind}, left)
+            left -= grow
+    else:
+        for kind in ("other", "streaming"):
+            left = share_evenly(counts, {i: n for i, k in enumerate(kinds) if k == kind}, left)
+    serve_retrieval(n, left)  # what the other heads cannot take goes back to the retrieval heads
     return counts
 
 
@@ -218,6 +231,9 @@ class HeadAware(Policy):
         profile's locality curves (the profile needs its locality metrics, which ``headwise profile`` writes);
         ``"roles"``: streaming heads keep sinks + window and the other heads share it (see the module
         docstring). Coverage follows the full cache more closely (answer NLL and top-1 agreement, BENCHMARKS.md).
+    retrieval_keep : float
+        The share of the context a retrieval head keeps before the other heads get any budget, in (0, 1]: with
+        less than 1, its tokens are ranked by ``other`` and the rest of the budget goes to the other heads.
     whole : int
         More KV heads served as retrieval heads (grown to the whole context while the budget allows), those
         with the most attention mass beyond the profile's largest window first (needs its locality metrics).
@@ -230,6 +246,7 @@ class HeadAware(Policy):
     other: str = "snapkv"
     retrieval_threshold: float = 0.1
     budgets: str = "coverage"
+    retrieval_keep: float = 1.0
     whole: int = 0
 
     def __post_init__(self) -> None:
@@ -245,6 +262,8 @@ class HeadAware(Policy):
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
+        if not 0 < self.retrieval_keep <= 1:
+            raise HeadwiseError(f"headwise: retrieval_keep must lie in (0, 1], not {self.retrieval_keep}")
         if self.whole < 0:
             raise HeadwiseError(f"headwise: whole must be >= 0, not {self.whole}")
         self._kinds, self._strength = head_kinds(self._profile, self.retrieval_threshold)
@@ -283,7 +302,8 @@ class HeadAware(Policy):
             keys = list(self._kinds)
             curves = [self._curves[k] for k in keys] if self._curves else None
             counts = role_budgets([self._kinds[k] for k in keys], [self._strength[k] for k in keys], seen,
-                                  budget * len(keys), self.sinks + self.window, curves)
+                                  budget * len(keys), self.sinks + self.window, curves,
+                                  math.ceil(self.retrieval_keep * seen))
             self._memo = ((seen, budget), dict(zip(keys, counts, strict=True)))
         table = self._memo[1]
         heads = sum(1 for layer, _ in table if layer == layer_idx)
