@@ -335,3 +335,26 @@ def test_sparse_prefill_gets_rows_a_level_and_a_per_head_picture(records, tmp_pa
     assert grid == [[pytest.approx(0.2), pytest.approx(0.3)], [1.0, 0.5]]
     build_report(records + sparse, tmp_path)
     assert (tmp_path / "sparse_heads.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_peer_without_fidelity_gets_empty_fidelity_cells(missing, tmp_path):
+    """OpenVINO's runner cannot teacher-force an answer: its rows hold null (or NaN) fidelity, which the headline,
+    the Markdown and the plots leave out instead of showing a number."""
+    rows = synthetic()
+    for task in TASKS:
+        for c in range(CONTEXTS):
+            peer = part("openvino", "openvino_eviction", 0.5, task, c, scores_of("snapkv", task, c))
+            for s in peer["samples"]:
+                s.update(nll=missing, top1=missing, nll_full=missing)
+            rows.append({**peer, "protocol": "aware"})
+    records = [harmonize(store.parse_line(json.dumps(r))) for r in rows]
+    lines = lines_by_name(records)
+    line = lines["openvino", "openvino_eviction"]
+    assert line.nll_gap is None and line.top1 is None
+    assert line.score.mean == pytest.approx(lines["headwise", "snapkv"].score.mean)
+    table = next(r for r in markdown_report(records).splitlines() if r.startswith("| openvino_eviction [aware]"))
+    cells = [c.strip() for c in table.strip("|").split(" | ")]
+    assert cells[0] == "openvino_eviction [aware] (openvino) ≈" and cells[5:7] == ["", ""]
+    assert not re.search(r"\bnan\b", table.lower())
+    assert build_report(records, tmp_path).exists()

@@ -49,10 +49,15 @@ OPENVINO_MODES = ("dense", "TRISHAPE", "XATTENTION")
 DEPTHS = {2048: (0.1, 0.5, 0.9), 4096: (0.5, 0.7, 0.9)}  # scripts/sweep.sh's needle depths
 
 
-def openvino_pipeline(ir: Path, mode: str, threads: int) -> ov_genai.LLMPipeline:
-    """OpenVINO GenAI's pipeline on ``ir`` with dense attention or the sparse ``mode`` (its defaults)."""
+def scheduler_config(mode: str = "dense", eviction: ov_genai.CacheEvictionConfig | None = None,
+                     blocks: int | None = None) -> ov_genai.SchedulerConfig:
+    """The scheduler of every OpenVINO run here: the whole prompt in one prefill step, no prefix caching, dense
+    attention or the sparse ``mode`` (its defaults), and ``eviction`` when given; ``blocks`` KV blocks, or 2 GB."""
     config = ov_genai.SchedulerConfig()
-    config.cache_size = 2  # GB of KV blocks: a few 8K prompts
+    if blocks:
+        config.num_kv_blocks = blocks
+    else:
+        config.cache_size = 2  # GB of KV blocks: a few 8K prompts
     config.max_num_batched_tokens = 16384  # a whole prompt in one prefill step
     config.dynamic_split_fuse = False
     config.enable_prefix_caching = False  # a prompt run again must be prefilled again, to be timed
@@ -61,15 +66,29 @@ def openvino_pipeline(ir: Path, mode: str, threads: int) -> ov_genai.LLMPipeline
         sparse = ov_genai.SparseAttentionConfig()
         sparse.mode = getattr(ov_genai.SparseAttentionMode, mode)
         config.sparse_attention_config = sparse
-    return ov_genai.LLMPipeline(str(ir), "CPU", scheduler_config=config, INFERENCE_NUM_THREADS=threads)
+    if eviction is not None:
+        config.use_cache_eviction = True
+        config.cache_eviction_config = eviction
+    return config
+
+
+def openvino_pipeline(ir: Path, mode: str, threads: int) -> ov_genai.LLMPipeline:
+    """OpenVINO GenAI's pipeline on ``ir`` with dense attention or the sparse ``mode`` (its defaults)."""
+    return ov_genai.LLMPipeline(str(ir), "CPU", scheduler_config=scheduler_config(mode), INFERENCE_NUM_THREADS=threads)
+
+
+def greedy(max_new_tokens: int) -> ov_genai.GenerationConfig:
+    """Greedy decoding of at most ``max_new_tokens``."""
+    config = ov_genai.GenerationConfig()
+    config.max_new_tokens = max_new_tokens
+    config.do_sample = False
+    return config
 
 
 def run_openvino(pipe, ids: list[int], max_new_tokens: int) -> tuple[list[int], float]:
     """Greedy tokens for the prompt ``ids`` and the time to the first one."""
     array = np.array([ids], dtype=np.int64)
-    config = ov_genai.GenerationConfig()
-    config.max_new_tokens = max_new_tokens
-    config.do_sample = False
+    config = greedy(max_new_tokens)
     result = pipe.generate(ov_genai.TokenizedInputs(ov.Tensor(array), ov.Tensor(np.ones_like(array))), config)
     return list(result.tokens[0]), result.perf_metrics.get_ttft().mean / 1000
 

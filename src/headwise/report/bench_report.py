@@ -112,9 +112,14 @@ def reported(records: Iterable[dict]) -> list[dict]:
     return parts
 
 
+def _number(value: object) -> float | None:
+    """A measured value, or None where there is none: absent, null, or NaN (a peer that cannot measure it)."""
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
 def _gap(sample: dict) -> float | None:
-    nll, floor = sample.get("nll"), sample.get("nll_full")
-    return None if nll is None or floor is None else float(nll) - float(floor)
+    nll, floor = _number(sample.get("nll")), _number(sample.get("nll_full"))
+    return None if nll is None or floor is None else nll - floor
 
 
 def answers(parts: Iterable[dict]) -> list[Answer]:
@@ -129,7 +134,7 @@ def answers(parts: Iterable[dict]) -> list[Answer]:
             (r["task"], r.get("seed"), r["context_id"]),
             float(s["score"]),
             _gap(s),
-            None if s.get("top1") is None else float(s["top1"]),
+            _number(s.get("top1")),
         )
         for r in parts
         for s in r["samples"]
