@@ -37,6 +37,12 @@ def reference_scores(name: str, keys, attn, positions, **opts) -> torch.Tensor:
         for h in range(H):
             if name == "knorm":
                 ref[b, h] = torch.tensor([-math.sqrt(sum(float(x) ** 2 for x in keys[b, h, j])) for j in range(N)])
+            elif name == "keydiff":  # minus the cosine to the mean of the unit keys
+                unit = [[float(x) / math.sqrt(sum(float(y) ** 2 for y in keys[b, h, j])) for x in keys[b, h, j]]
+                        for j in range(N)]
+                mean = [sum(u[i] for u in unit) / N for i in range(len(unit[0]))]
+                norm = math.sqrt(sum(m * m for m in mean))
+                ref[b, h] = torch.tensor([-sum(a * m for a, m in zip(u, mean, strict=True)) / norm for u in unit])
             elif name == "streaming_llm":
                 ref[b, h] = positions[b, h].float()
             elif name == "h2o":
@@ -59,6 +65,7 @@ def reference_scores(name: str, keys, attn, positions, **opts) -> torch.Tensor:
 
 CASES = [
     ("knorm", {}),
+    ("keydiff", {}),
     ("streaming_llm", {}),
     ("h2o", {}),
     ("a2sf", {"forgetting": 0.7}),
@@ -111,7 +118,7 @@ def test_random_is_reproducible():
 
 
 def test_registry_and_option_errors():
-    assert {"full", "random", "streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm"} <= set(POLICIES)
+    assert {"full", "random", "streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm", "keydiff"} <= set(POLICIES)
     with pytest.raises(HeadwiseError, match="unknown policy"):
         make_policy("nope")
     with pytest.raises(HeadwiseError, match="unknown option"):

@@ -40,7 +40,8 @@ metrics of the part
     ``needle_depth``, ``score``, ``output``, ``answer_ids`` (the greedy answer's token ids), ``answers``,
     ``prompt_tokens``, ``question_seconds`` (feeding the question), ``decode_tokens_per_second``, ``nll`` (mean
     NLL per token of the full cache's answer teacher-forced in this cache), ``top1`` (fraction of those tokens
-    still ranked first), ``nll_full`` (the full cache's own NLL of its answer); for a compressed headwise cache,
+    still ranked first), ``nll_full`` (the full cache's own NLL of its answer; these three are null for a peer that
+    cannot teacher-force an answer through its cache, OpenVINO's); for a compressed headwise cache,
     ``needle_kept`` (per compressed layer index and KV head, the share of the needle's tokens the head holds:
     :mod:`headwise.explain.needles`; absent in stores written before it).
 provenance

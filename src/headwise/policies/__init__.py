@@ -16,6 +16,7 @@ from headwise.policies.base import Policy
 from headwise.policies.full import Full
 from headwise.policies.h2o import H2O
 from headwise.policies.headwise import HeadAware
+from headwise.policies.keydiff import KeyDiff
 from headwise.policies.knorm import Knorm
 from headwise.policies.random import Random
 from headwise.policies.snapkv import SnapKV
@@ -23,7 +24,7 @@ from headwise.policies.streaming_llm import StreamingLLM
 from headwise.policies.tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, A2SF, SnapKV, TOVA, Knorm, HeadAware)
+    cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, A2SF, SnapKV, TOVA, Knorm, KeyDiff, HeadAware)
 }
 
 
