@@ -35,10 +35,11 @@ and a ``CacheEvictionConfig(start_size, recent_size, max_cache_size, aggregation
   tokens", after the forward pass of the step that feeds the first answer token, so the second answer token is
   also computed with the whole prompt in cache; the cache is cut before the third. A one- or two-token answer
   is therefore the full cache's.
-- The first eviction ranks the prompt by SnapKV: the attention the last ``snapkv_window_size`` (8) prompt tokens,
-  the question's end and the template, pay to each position, max-pooled over 7 positions, summed over the heads
-  of a layer (one choice per layer, the same for all its KV heads); later evictions add the answer tokens'
-  attention (H2O, ``NORM_SUM``: divided by each token's time in cache). The first ``start_size`` tokens and the
+- The first eviction ranks the prompt by the attention each position gets from the last ``snapkv_window_size``
+  (8) prompt tokens, the question's end and the template (SnapKV), and from the first answer token, max-pooled
+  over 7 positions and reduced over the heads of a layer (one choice per layer, the same for all its KV heads);
+  later evictions add the next answer tokens' attention (H2O; ``NORM_SUM`` divides a token's sum by its time in
+  cache). The first ``start_size`` tokens and the
   last ``recent_size`` (plus the block being filled) are never evicted; positions are not re-rotated
   (``apply_rotation`` False, its default), so kept keys keep their positions, as headwise's do.
 - Eviction is by whole blocks of 32 tokens on CPU (``cpu_block_size`` in ``cache/kv_cache_manager.hpp``; a
@@ -53,10 +54,13 @@ the ``P`` prompt tokens. When it evicts, a sequence of ``L`` tokens keeps ``max_
 evict. At its first eviction ``L = P + 1`` (the prompt and the first answer token), so the runner picks the
 multiple of 32 for ``max_cache_size`` whose first eviction keeps the number of prompt tokens nearest the request
 (:func:`budget`; the smaller on a tie; at least ``start_size + recent_size + 32``, OpenVINO's smallest). The
-prompt tokens kept then lie within 16 of the request: at 1K tokens the kept fraction is within 1.6 points of
-``1 - ratio``, at 2K within 0.8. Each answer records the request (``requested_kept``), ``max_cache_size`` and
-the prompt tokens kept (``kept_tokens``). While it answers, the cache grows by the answer's tokens and is cut
-back by one block whenever a block past the recent area fills (so it stays below ``max_cache_size + 32``).
+prompt tokens kept then lie within 16 of the request (at 1K tokens the kept fraction is within 1.6 points of
+``1 - ratio``, at 2K within 0.8), unless the request is below the fewest OpenVINO can keep: three blocks (start,
+one evictable, recent) and the tokens of the last, partly filled one, 96 to 127 tokens with the default sizes.
+A 922-token prompt at 90% removed asks for 92 and keeps 122 (13.2%); at 2K tokens 90% is reachable. Each answer
+records the request (``requested_kept``), ``max_cache_size`` and the prompt tokens kept (``kept_tokens``). While
+it answers, the cache grows by the answer's tokens and is cut back by one block whenever a block past the recent
+area fills (so it stays below ``max_cache_size + 32``).
 
 Memory and precision
 --------------------
@@ -67,9 +71,10 @@ budget, not read back (``kv_bytes_basis``); ``kv_bytes_peak`` is the prompt's bl
 eviction; ``kv_blocks_end`` per answer is read back from the pipeline's metrics after its last step. OpenVINO
 runs its IR (fp32 weights) at the CPU plugin's default inference precision, recorded per part
 (``INFERENCE_PRECISION_HINT``: f32 on a CPU without avx512_bf16 or AMX, bf16 with them), which names the cells'
-``dtype``; its paged KV cache holds 2 bytes per element by default here (the pipeline's blocks are f16, although
-the core's ``KV_CACHE_PRECISION`` property reads u8): ``kv_element_bytes`` records what its metrics imply.
-headwise holds float32 KV (4 bytes) at ``--dtype float32``.
+``dtype``; its paged KV cache holds 2 bytes per element by default here, a 16-bit type (the core's
+``KV_CACHE_PRECISION`` property reads u8, but the pipeline's blocks shrink to 0.59 of their size only when u8 is
+passed to it): ``kv_element_bytes`` records what its metrics imply. headwise holds float32 KV (4 bytes) at
+``--dtype float32``.
 
 Fidelity is not measured: OpenVINO's pipeline cannot teacher-force a given answer through its evicted cache
 (an answer fed as prompt is prefilled and never evicted), so ``nll``, ``top1`` and ``nll_full`` are null and the
@@ -84,7 +89,8 @@ eviction included; 0 for a one-token answer), both from its ``perf_metrics``; an
 cache on the same prompt ids (:func:`headwise.bench.protocol.answer` on an empty cache: its prefill and greedy
 decode, the model at ``--dtype``): ``headwise_prefill_seconds``, ``headwise_decode_tokens_per_second``,
 ``headwise_output``. Both run ``--threads`` threads. Each new OpenVINO pipeline (one per budget, two kept) and
-headwise's model are warmed up first with a short prompt. The summary prints the median ratios.
+headwise's model are warmed up first with a short prompt. A part's ``wall_seconds`` and ``cpu_seconds`` leave out
+the headwise timing beside it (``headwise_wall_seconds``). The summary prints the median ratios.
 
 Results tied to code
 --------------------
