@@ -397,7 +397,7 @@ def summary(records: Sequence[dict]) -> str:
     """Per method and ratio: answers, mean score, the prompt fraction kept, and the median speed ratios of
     OpenVINO to headwise's full cache on the same prompts (prefill: headwise's seconds over OpenVINO's; decode:
     OpenVINO's tokens per second over headwise's)."""
-    lines = ["method             ratio  answers  score  kept   prefill OV/hw  decode OV/hw"]
+    lines = ["method             ratio  answers  score  kept   prefill speed OV:hw  decode speed OV:hw"]
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in records:
         groups.setdefault((r["method"], r["ratio"]), []).extend(r["samples"])
@@ -409,7 +409,7 @@ def summary(records: Sequence[dict]) -> str:
                   if s.get("headwise_decode_tokens_per_second") and s["decode_tokens_per_second"]]
         speed = [f"{statistics.median(v):.2f}x" if v else "n/a" for v in (prefill, decode)]
         lines.append(f"{method:18s} {ratio:<6g} {len(rows):<8d} {statistics.mean(s['score'] for s in rows):.3f}  "
-                     f"{kept:.3f}  {speed[0]:14s} {speed[1]}")
+                     f"{kept:.3f}  {speed[0]:20s} {speed[1]}")
     return "\n".join(lines)
 
 
