@@ -18,12 +18,17 @@ from headwise.policies.headwise import coverage_budgets, promote_far_heads, role
 from headwise.profile.schema import HeadProfile
 
 
+def random_heads(rng: random.Random, most: int) -> tuple[int, list[str], list[float]]:
+    """Fewer than ``most`` heads, each of a random kind and retrieval strength."""
+    heads = rng.randrange(1, most)
+    kinds = [rng.choice(["retrieval", "streaming", "other"]) for _ in range(heads)]
+    return heads, kinds, [rng.random() for _ in range(heads)]
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_role_budgets_meet_the_total_exactly_and_serve_retrieval_first(seed):
     rng = random.Random(seed)
-    heads = rng.randrange(1, 12)
-    kinds = [rng.choice(["retrieval", "streaming", "other"]) for _ in range(heads)]
-    strength = [rng.random() for _ in range(heads)]
+    heads, kinds, strength = random_heads(rng, 12)
     n, floor = rng.randrange(1, 300), rng.randrange(0, 80)
     total = rng.randrange(0, heads * n + 50)
     counts = role_budgets(kinds, strength, n, total, floor)
@@ -122,6 +127,18 @@ def synthetic_profile(model, tmp_path, kv_roles, retrieval, kv_metrics=None, set
     return str(path)
 
 
+NEAR = {"locality_8": 0.97, "locality_32": 1.0}  # the sinks plus 8 keys cover 97% of the head's attention
+FAR = {"locality_8": 0.1, "locality_32": 0.3}
+
+
+def profile_with_locality(model, tmp_path, roles, heads) -> str:
+    """A profile of the tiny model (3 layers x 2 KV heads) with these roles, one retrieval score of 0.6 (layer 0,
+    head 0) and 0.05 (layer 2, head 1), and each head's locality curve NEAR or FAR (None: zeros)."""
+    metrics = {m: [[0.0 if h is None else h[m] for h in layer] for layer in heads] for m in NEAR}
+    retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
+    return synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
+
+
 def test_headwise_policy_frees_streaming_heads_and_keeps_retrieval_heads(tmp_path):
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
@@ -167,12 +184,7 @@ def test_headwise_policy_errors(tmp_path):
 def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality(tmp_path):
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["sink", "local"], ["mixed", "mixed"]]
-    retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
-    near = {"locality_8": 0.97, "locality_32": 1.0}
-    far = {"locality_8": 0.1, "locality_32": 0.3}
-    heads = [[None, near], [far, near], [near, far]]
-    metrics = {m: [[0.0 if h is None else h[m] for h in layer] for layer in heads] for m in near}
-    path = synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
+    path = profile_with_locality(model, tmp_path, roles, [[None, NEAR], [FAR, NEAR], [NEAR, FAR]])
     n, ratio = 200, 0.6
     options = {"profile": path, "sinks": 2, "window": 4}  # budgets=coverage, the default
     cache = make_cache(model, "headwise", ratio=ratio, options=options)
@@ -189,7 +201,7 @@ def test_headwise_coverage_budgets_give_each_head_a_window_sized_by_its_locality
     assert mixed.positions[0].tolist() != [0, 1, *range(n - kept[2][1] + 2, n)]
     with pytest.raises(HeadwiseError, match="budgets must be"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "budgets": "even"})
-    bare = synthetic_profile(model, tmp_path, roles, retrieval, locality=False)
+    bare = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]], locality=False)
     with pytest.raises(HeadwiseError, match="locality metrics"):
         make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare})
     make_cache(model, "headwise", ratio=ratio, options={**options, "profile": bare, "budgets": "roles"})
@@ -243,12 +255,7 @@ def test_promote_far_heads_serves_the_farthest_reaching_heads_after_the_retrieva
 def test_headwise_whole_keeps_more_heads_whole(tmp_path):
     model = tiny_model("llama")  # 3 layers x 2 KV heads
     roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
-    retrieval = [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]]
-    near = {"locality_8": 0.97, "locality_32": 1.0}
-    far = {"locality_8": 0.1, "locality_32": 0.3}
-    heads = [[near, near], [far, near], [near, near]]
-    metrics = {m: [[h[m] for h in layer] for layer in heads] for m in near}
-    path = synthetic_profile(model, tmp_path, roles, retrieval, metrics, {"windows": [8, 32], "n_sink": 2})
+    path = profile_with_locality(model, tmp_path, roles, [[NEAR, NEAR], [FAR, NEAR], [NEAR, NEAR]])
     n, ratio = 200, 0.6
     ids = torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(0))
     for budgets in ("coverage", "roles"):
@@ -260,7 +267,7 @@ def test_headwise_whole_keeps_more_heads_whole(tmp_path):
         assert sum(map(sum, kept)) == round((1 - ratio) * n) * 6
     with pytest.raises(HeadwiseError, match="whole must be"):
         make_cache(model, "headwise", ratio=ratio, options={"profile": path, "whole": -1})
-    bare = synthetic_profile(model, tmp_path, roles, retrieval, locality=False)
+    bare = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]], locality=False)
     with pytest.raises(HeadwiseError, match="locality metrics"):
         make_cache(model, "headwise", ratio=ratio, options={"profile": bare, "budgets": "roles", "whole": 2})
 
@@ -268,9 +275,7 @@ def test_headwise_whole_keeps_more_heads_whole(tmp_path):
 @pytest.mark.parametrize("seed", range(20))
 def test_role_budgets_with_a_cap_serve_retrieval_heads_up_to_it_then_the_others(seed):
     rng = random.Random(seed)
-    heads = rng.randrange(1, 10)
-    kinds = [rng.choice(["retrieval", "streaming", "other"]) for _ in range(heads)]
-    strength = [rng.random() for _ in range(heads)]
+    heads, kinds, strength = random_heads(rng, 10)
     n, floor = rng.randrange(10, 300), rng.randrange(0, 10)
     cap = rng.randrange(floor, n + 1)
     total = rng.randrange(0, heads * n + 50)
