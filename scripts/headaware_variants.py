@@ -12,7 +12,8 @@ A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options
 every ratio is built from that prefill, as ``headwise bench`` does for its methods (the same protocol, parts and
 fidelity: :func:`headwise.bench.runner.run_part`). The store is resumable: rerun the same line to go on. The
 summary gives, per variant and ratio, the mean over the tasks' means with its 95% bootstrap interval (whole
-contexts resampled within each task), and the paired difference with the first variant on the same answers.
+contexts resampled within each task), and the paired difference with the first variant on the same answers;
+``--summary-only`` prints it again from a store (or its committed ``.gz`` copy) with no model.
 
 Choose on a dev seed (not the calibration seed 100, nor a reported seed), then report the chosen options with
 ``headwise bench`` on other seeds.
@@ -77,7 +78,7 @@ def summarise(records: list[dict], names: list[str]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--profile", required=True, help="the head profile every variant plans from")
+    parser.add_argument("--profile", help="the head profile every variant plans from (needed to run)")
     parser.add_argument("--variant", action="append", required=True, metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--tasks", default="passkey,multikey,vartrack,qa")
     parser.add_argument("--length", type=int, default=2048)
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store", default="runs/headaware-dev/variants.jsonl")
     parser.add_argument("--summary", default=None, help="also write the summary to this JSON file")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only print the summary of the store (or of its .gz copy), with no model and no run")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variant]
     names = [name for name, _ in variants]
@@ -97,12 +100,25 @@ def main() -> None:
     check_tasks(task_names)
     ratios = split_list(args.ratios, float, "ratio")
     store = Path(args.store)
-    store.parent.mkdir(parents=True, exist_ok=True)
-    check_output_file(store)
     if args.summary:
         check_output_file(Path(args.summary))
-    if not Path(args.profile).is_file():
-        raise HeadwiseError(f"no profile at {args.profile}")
+    if args.summary_only:
+        stored = {r["key"]: r for r in read_records(store)}
+        if not stored:
+            raise HeadwiseError(f"no records in {store} (nor in {store}.gz)")
+    else:
+        stored = run(args, variants, task_names, ratios, store)
+    mine = [r for r in stored.values() if r["seed"] == args.seed and r["task"] in task_names]
+    report(args, variants, mine)
+
+
+def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], task_names: list[str],
+        ratios: list[float], store: Path) -> dict[str, dict]:
+    """Run the parts missing from ``store``; return every record of it by key."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    check_output_file(store)
+    if not args.profile or not Path(args.profile).is_file():
+        raise HeadwiseError(f"no profile at {args.profile}: give --profile FILE (from `headwise profile`)")
     set_threads(args.threads)
     cells: dict[str, tuple[str | None, runner.Cell]] = {}  # key -> (variant, cell); the full cache's variant: None
     for name, options in variants:
@@ -132,8 +148,14 @@ def main() -> None:
                 append_record(store, record)
                 stored[record["key"]] = record
                 bar.update(1)
-    records = [r for r in stored.values() if r.get("variant") in names and r["seed"] == args.seed]
-    rows = summarise(records, names)
+    return stored
+
+
+def report(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], records: list[dict]) -> None:
+    """Print the summary of ``records`` (and write it to ``--summary``): the full cache's mean, then the variants'."""
+    names = [name for name, _ in variants]
+    rows = summarise([{**r, "variant": "full"} for r in records if r["method"] == "full"], ["full"])
+    rows += summarise([r for r in records if r.get("variant") in names], names)
     for row in rows:
         s = row["score"]
         line = f"{row['variant']:>16} {row['ratio']:<5g} {s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]"
@@ -144,9 +166,10 @@ def main() -> None:
             line += " *" if d["excludes_zero"] else ""
         print(line)
     if args.summary:
-        write_atomic(Path(args.summary), json.dumps({"rows": rows, "variants": dict(variants), "model": lm.name,
-                                                     "length": args.length, "seed": args.seed,
-                                                     "versions": runner.versions()}, indent=2) + "\n")
+        first = records[0]  # the store's model, versions and code
+        summary = {"rows": rows, "variants": dict(variants), "model": first["model"], "length": args.length,
+                   "seed": args.seed, "versions": first["versions"], "fingerprint": first["fingerprint"]}
+        write_atomic(Path(args.summary), json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
