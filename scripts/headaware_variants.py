@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from headwise.bench import runner
 from headwise.bench.cli import check_tasks, split_list, task_samples
 from headwise.bench.intervals import bootstrap_mean, excludes_zero, paired_difference
-from headwise.bench.store import append_record, read_records, repair
+from headwise.bench.store import append_record, read_records, repair, unpack
 from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
 from headwise.models import load_model
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], ta
             cells.setdefault(cell.key(), (None if cell.is_reference else name, cell))
     lm = load_model(args.model)
     samples = task_samples(lm, [c for _, c in cells.values()], split_list(args.depths, float, "depth"))
+    unpack(store)  # a committed store (its .gz copy only) resumes
     repair(store)
     stored = {r["key"]: r for r in read_records(store)}
     runner.check_versions(stored.values(), runner.LIBRARY, runner.fingerprint(), allow_mixed=False)
