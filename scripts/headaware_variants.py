@@ -36,20 +36,15 @@ from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
 from headwise.models import load_model
 from headwise.report.html import write_atomic
+from headwise.specs import parse_spec
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     """``NAME`` or ``NAME:KEY=VALUE,...`` as (name, options)."""
-    name, _, rest = text.partition(":")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise HeadwiseError(f"variant '{text}': '{item}' is not KEY=VALUE")
-        options[key.strip()] = value.strip()
-    if not name.strip():
+    name, options = parse_spec("variant", text)
+    if not name:
         raise HeadwiseError(f"variant '{text}' has no name")
-    return name.strip(), options
+    return name, options
 
 
 def summarise(records: list[dict], names: list[str]) -> list[dict]:

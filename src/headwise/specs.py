@@ -33,8 +33,8 @@ def build(registry: dict[str, type[T]], what: str, name: str, options: dict[str,
     return cls(**converted)
 
 
-def parse(registry: dict[str, type[T]], what: str, text: str) -> T:
-    """``"name:key=value,..."`` -> the ``what`` it names, built."""
+def parse_spec(what: str, text: str) -> tuple[str, dict[str, str]]:
+    """``"name:key=value,..."`` -> the name and its options, values still strings."""
     name, _, rest = text.partition(":")
     options = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
@@ -42,7 +42,12 @@ def parse(registry: dict[str, type[T]], what: str, text: str) -> T:
         if not sep or not key.strip():
             raise HeadwiseError(f"{what} option '{item}' is not KEY=VALUE")
         options[key.strip()] = value.strip()
-    return build(registry, what, name.strip(), options)
+    return name.strip(), options
+
+
+def parse(registry: dict[str, type[T]], what: str, text: str) -> T:
+    """``"name:key=value,..."`` -> the ``what`` it names, built."""
+    return build(registry, what, *parse_spec(what, text))
 
 
 def split(text: str, check: Callable[[str], object]) -> list[str]:
