@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -190,9 +189,8 @@ def peer_versions() -> dict[str, str]:
 def fingerprint() -> str:
     """16 hex digits naming kvpress's, transformers' and torch's versions, this file and headwise's protocol code."""
     root = Path(headwise.__file__).parent
-    files = [Path(__file__).resolve(), *(root / name for name in PROTOCOL_CODE)]
-    blob = json.dumps({"code": runner.code_digest(files), "versions": peer_versions()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return runner.code_fingerprint([Path(__file__).resolve(), *(root / name for name in PROTOCOL_CODE)],
+                                   peer_versions())
 
 
 def provenance() -> dict:

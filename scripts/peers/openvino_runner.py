@@ -103,8 +103,6 @@ refused unless ``--allow-mixed-versions``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import statistics
 import sys
@@ -228,8 +226,7 @@ def fingerprint() -> str:
     """16 hex digits naming OpenVINO's versions, this file, ``openvino_sparse.py`` and headwise's protocol code."""
     here = Path(__file__).resolve()
     files = [here, here.with_name("openvino_sparse.py"), *(Path(headwise.__file__).parent / f for f in PROTOCOL_CODE)]
-    return hashlib.sha256(json.dumps({"code": runner.code_digest(files), "versions": peer_versions()},
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    return runner.code_fingerprint(files, peer_versions())
 
 
 def plan_cells(model: str, eviction: Eviction, ratios: Sequence[float], task: str, length: int, n_contexts: int,

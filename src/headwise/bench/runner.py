@@ -115,12 +115,17 @@ def versions() -> dict[str, str]:
     return {"headwise": headwise.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def code_fingerprint(files: Iterable[Path], library_versions: dict[str, str]) -> str:
+    """16 hex digits naming the code in ``files`` (:func:`code_digest`) and the libraries' versions: the
+    fingerprint of headwise's results and of every peer runner's."""
+    blob = json.dumps({"code": code_digest(files), "versions": library_versions}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 @cache
 def fingerprint() -> str:
     """16 hex digits naming the code that computes results and the versions of headwise, torch, transformers."""
-    blob = json.dumps({"code": code_digest(fingerprinted_files(Path(headwise.__file__).parent)),
-                       "versions": versions()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return code_fingerprint(fingerprinted_files(Path(headwise.__file__).parent), versions())
 
 
 def _file_digest(path: str) -> str:
