@@ -10,7 +10,7 @@ Usage::
 A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options of the ``headwise`` policy;
 ``--profile`` is added to every variant). Each context is prefilled once, densely, and every variant's cache at
 every ratio is built from that prefill, as ``headwise bench`` does for its methods (the same protocol, parts and
-fidelity: :func:`headwise.bench.runner.run_part`). The store is resumable: rerun the same line to go on. The
+fidelity, run by :func:`headwise.bench.runner.sweep`). The store is resumable: rerun the same line to go on. The
 summary gives, per variant and ratio, the mean over the tasks' means with its 95% bootstrap interval (whole
 contexts resampled within each task), and the paired difference with the first variant on the same answers;
 ``--summary-only`` prints it again from a store (or its committed ``.gz`` copy) with no model.
@@ -26,12 +26,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from headwise.bench import runner
 from headwise.bench.cli import check_tasks, split_list, task_samples
 from headwise.bench.intervals import bootstrap_mean, excludes_zero, paired_difference
-from headwise.bench.store import append_record, read_records, repair, unpack
+from headwise.bench.store import read_records, unpack
 from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
 from headwise.models import load_model
@@ -124,26 +122,11 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], ta
     lm = load_model(args.model)
     samples = task_samples(lm, [c for _, c in cells.values()], split_list(args.depths, float, "depth"))
     unpack(store)  # a committed store (its .gz copy only) resumes
-    repair(store)
+    label = runner.Peer(runner.LIBRARY, runner.fingerprint(), runner.provenance(),  # headwise's sweep, with the
+                        lambda questions: runner.Context(lm, questions),  # variant's name added to each record
+                        lambda ctx, cell, record: {"variant": cells[cell.key()][0]})
+    runner.sweep(lm, [c for _, c in cells.values()], lambda *group: samples[group], store, peer=label)
     stored = {r["key"]: r for r in read_records(store)}
-    runner.check_versions(stored.values(), runner.LIBRARY, runner.fingerprint(), allow_mixed=False)
-    work = [(group, questions) for group, qs in samples.items() for questions in runner.contexts(qs)]
-    todo = [c for g, q in work for _, c in cells.values()
-            if (c.task, c.length, c.seed) == g and c.part_key(q[0].context_id, runner.context_digest(q)) not in stored]
-    with tqdm(total=len(todo), desc="variants", unit="part") as bar:
-        for group, questions in work:
-            digest = runner.context_digest(questions)
-            ctx = runner.Context(lm, questions)
-            group_cells = [(v, c) for v, c in cells.values() if (c.task, c.length, c.seed) == group]
-            references = runner.stored_references(stored, [c for _, c in group_cells], ctx.id, digest)
-            for variant, cell in sorted(group_cells, key=lambda vc: not vc[1].is_reference):
-                if cell.part_key(ctx.id, digest) in stored:
-                    continue
-                bar.set_postfix_str(f"{ctx.id} {variant or 'full'} {cell.ratio:g}")
-                record = {**runner.run_part(ctx, cell, references), "variant": variant, **runner.provenance()}
-                append_record(store, record)
-                stored[record["key"]] = record
-                bar.update(1)
     return stored
 
 
