@@ -12,6 +12,8 @@
 #   scripts/sweep.sh sparse [LENGTH]     # the full cache with dense and with sparse prefill (results/sparse/)
 #   scripts/sweep.sh sparse-dev [LENGTH] # wider sparse variants on a dev seed, to choose among (results/sparse/dev-*)
 #   scripts/sweep.sh select [LENGTH]     # selection rules against eviction at equal tokens (results/select/)
+#   scripts/sweep.sh aware [LENGTH]      # question-aware: headwise's SnapKV and head-aware policy against OpenVINO
+#                                        # GenAI's cache eviction, task by task (results/aware/)
 #   scripts/sweep.sh precision [LENGTH] [MODEL] [DTYPE]  # the full cache and SnapKV at 75% in float32 and in
 #                                        # bfloat16, or in DTYPE only (results/precision/MODEL-LENGTH-DTYPE/)
 #
@@ -82,6 +84,15 @@ case $what in
             --methods quest,tokenselect,recycled,roles,h2o,snapkv,streaming_llm --ratios 0.475,0.869,0.967 \
             -o roles:profile=results/profiles/smollm2-135m/profile.json -o quest:window=16 \
             -o tokenselect:window=16 -o recycled:window=16 -o roles:window=16 ;;
+    aware)  # the headline's tasks, headwise then OpenVINO on each (so an interrupted run holds both on the same
+        # contexts); the gate is the headwise sweep's (same tasks and seeds): one calibration context here
+        for names in passkey multikey vartrack,qa; do
+            groups "$names" --methods snapkv,headwise --ratios 0.75,0.9 --protocol aware --calibration-samples 1 \
+                --out "results/aware/$model-$length" -o headwise:profile=results/profiles/smollm2-135m/profile.json
+            .venv-openvino/bin/python scripts/peers/openvino_runner.py --tasks "results/aware/$model-$length/tasks" \
+                --lengths "$length" --task-names "$names" --ratios 0.75,0.9 --threads 1 --dtype float32 --no-progress \
+                --out "results/aware/openvino-$length.jsonl"
+        done ;;
     precision)  # the same tasks in both precisions (the gate is the headwise sweep's: one calibration context here)
         for dtype in ${4:-float32 bfloat16}; do
             groups passkey multikey vartrack,qa,frequent --methods full,snapkv --ratios 0.75 --calibration-samples 1 \
@@ -100,5 +111,5 @@ print(*notes, sep='\n')
 lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
 write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
 print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev, select or precision" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev, select, aware or precision" >&2; exit 2 ;;
 esac
