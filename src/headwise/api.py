@@ -157,5 +157,9 @@ def make_cache(
     """
     plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options,
                      select=select, sparse=sparse)
+    if plan.policy.reconstructs():
+        raise HeadwiseError(f"policy '{policy}' ranks tokens by a reconstruction of the context, which a prefill "
+                            "cannot give: build its cache with headwise.dense (capture, reconstruct, compress), "
+                            "as `headwise bench` does question-agnostic")
     model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)

@@ -456,6 +456,7 @@ class CompressedLayer(CacheLayerMixin):
         query: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float,
+        reconstruction: torch.Tensor | None = None,
     ) -> None:
         """Take one forward's keys and values [B, H, q, d] as :meth:`update` would, then let ``query``
         [B, Hq, q, d] (with the forward's ``attention_mask``) feed the policy and compress, as :meth:`attend`
@@ -463,12 +464,13 @@ class CompressedLayer(CacheLayerMixin):
 
         This builds a compressed layer from dense tensors captured once (:mod:`headwise.dense`): for a
         single-forward prefill the kept tokens depend only on these tensors, so one dense forward can feed
-        every policy and ratio.
+        every policy and ratio. ``reconstruction`` [B, H, q] is what a policy that
+        :meth:`~headwise.policies.base.Policy.reconstructs` folds instead (:func:`headwise.dense.reconstruct`).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._store(key_states, value_states)
-        self._feed_policy(query, attention_mask, scaling)
+        self._feed_policy(query, attention_mask, scaling, reconstruction)
 
     def get_seq_length(self) -> int:
         """Logical length: every token seen, kept or not (positions of new tokens follow it)."""
@@ -655,9 +657,11 @@ class CompressedLayer(CacheLayerMixin):
         self.read_tokens += (n if choice.index is None else choice.index.shape[1]) + choice.overhead
         return choice.index
 
-    def _feed_policy(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> None:
-        """After a forward's attention: give each head's policy the attention rows it needs, then compress
-        (only while compressing: see :meth:`_compressing`)."""
+    def _feed_policy(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                     reconstruction: torch.Tensor | None = None) -> None:
+        """After a forward's attention: give each head's policy the attention rows it needs (a reconstructing
+        policy gets its row of ``reconstruction`` [B, H, n]), then compress (only while compressing: see
+        :meth:`_compressing`)."""
         _, hq, q, _ = query.shape
         if not self._compressing(q):
             return
@@ -665,7 +669,12 @@ class CompressedLayer(CacheLayerMixin):
         valid = []
         for h, head in enumerate(self.heads):
             needed = head.policy.queries_needed()
-            if needed != 0:
+            if head.policy.reconstructs():
+                if reconstruction is None:
+                    raise HeadwiseError(f"policy '{head.policy.name}' ranks tokens by a reconstruction of the "
+                                        "context: build its cache with headwise.dense (reconstruct, compress)")
+                head.state = head.policy.accumulate(head.state[:, None], reconstruction[:, h, None, None])[:, 0]
+            elif needed != 0:
                 self._observe(head, query[:, h * group : (h + 1) * group], attention_mask, scaling, needed)
             last = self._allowed(head, attention_mask, q, slice(q - 1, q))
             valid.append(last[:, 0, -1, :] if last is not None else None)

@@ -30,6 +30,7 @@ import headwise.attention
 from headwise.api import make_cache
 from headwise.cache import CompressedLayer, HeadwiseCache, Plan
 from headwise.compat import forward
+from headwise.policies import kvzip
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,21 @@ class _CapturingLayer(CompressedLayer):
         return super().attend(query, attention_mask, scaling)
 
 
+def _capturing_cache(model: torch.nn.Module, length: int) -> HeadwiseCache:
+    """An uncompressed headwise cache for ``length`` tokens whose compressed layers record what they see."""
+    cache = make_cache(model, "full", prompt_length=length)
+    cache.layers = [
+        _CapturingLayer(layer.plan, layer.fraction, layer.layer_idx) if isinstance(layer, CompressedLayer) else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
+def _stacked(layer: _CapturingLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values [B, H, n, d] a capturing layer holds."""
+    return (torch.stack([h.keys for h in layer.heads], dim=1), torch.stack([h.values for h in layer.heads], dim=1))
+
+
 @torch.inference_mode()
 def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> DenseContext:
     """Prefill ``input_ids`` [1, n] in one forward without compression and capture what every layer saw.
@@ -72,29 +88,55 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> DenseContext:
     The forward is the one :func:`headwise.generation.prefill` runs with the ``full`` policy (same attention
     code, same ``logits_to_keep``), so its logits equal the full cache's.
     """
-    cache = make_cache(model, "full", prompt_length=input_ids.shape[1])
-    cache.layers = [
-        _CapturingLayer(layer.plan, layer.fraction, layer.layer_idx) if isinstance(layer, CompressedLayer) else layer
-        for layer in cache.layers
-    ]
+    cache = _capturing_cache(model, input_ids.shape[1])
     logits = forward(model, cache, input_ids, logits_to_keep=1).logits[:, -1, :]
     layers: list[LayerTensors | CacheLayerMixin] = []
     for layer in cache.layers:
         if isinstance(layer, _CapturingLayer):
             assert layer.captured is not None
-            keys = torch.stack([h.keys for h in layer.heads], dim=1)
-            values = torch.stack([h.values for h in layer.heads], dim=1)
-            layers.append(LayerTensors(keys, values, *layer.captured))
+            layers.append(LayerTensors(*_stacked(layer), *layer.captured))
         else:
             layers.append(layer)
     return DenseContext(tuple(layers), logits, input_ids.shape[1])
 
 
-def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan) -> HeadwiseCache:
+@torch.inference_mode()
+def reconstruct(model: torch.nn.Module, context: list[int], request: list[int], copy_ids: list[int],
+                chunk: int = 2048) -> tuple[torch.Tensor | None, ...]:
+    """KVzip's scores of a context (:mod:`headwise.policies.kvzip`): after the ``context`` ids, feed a
+    ``request`` to repeat it followed by the context's text again (``copy_ids``), ``chunk`` tokens of it at a
+    time, each on its own copy of the context's cache (so the reconstruction never holds more than the context,
+    the request and one chunk), and return per layer the largest attention each context token receives from
+    those queries, per KV head: [1, H, len(context)] for the layers headwise compresses, None for the others.
+
+    Attention is taken as plain causal (no padding), as in every model headwise compresses.
+    """
+    if chunk < 1:
+        raise ValueError(f"the reconstruction chunk must be at least 1 token, got {chunk}")
+    n = len(context)
+    cache = _capturing_cache(model, n + len(request) + min(chunk, len(copy_ids)))
+    forward(model, cache, torch.tensor([context]), logits_to_keep=1)
+    best: list[torch.Tensor | None] = [None] * len(cache.layers)
+    for start in range(0, len(copy_ids), chunk):
+        piece = copy.deepcopy(cache)
+        forward(model, piece, torch.tensor([request + copy_ids[start : start + chunk]]), logits_to_keep=1)
+        for i, layer in enumerate(piece.layers):
+            if isinstance(layer, _CapturingLayer):
+                assert layer.captured is not None
+                query, _, scaling = layer.captured
+                row = kvzip.reconstruction_attention(query, _stacked(layer)[0], n, scaling)
+                best[i] = row if best[i] is None else torch.maximum(best[i], row)
+    return tuple(best)
+
+
+def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan,
+             reconstruction: tuple[torch.Tensor | None, ...] | None = None) -> HeadwiseCache:
     """The cache that prefilling ``dense``'s prompt with ``plan`` would leave (``dense`` is not changed).
 
-    ``plan`` must be in ``prefill`` mode (see the module docstring). Selects the ``"headwise"`` attention on
-    ``model``, as :func:`headwise.api.make_cache` does.
+    ``plan`` must be in ``prefill`` mode (see the module docstring). A policy that
+    :meth:`~headwise.policies.base.Policy.reconstructs` needs the context's ``reconstruction``
+    (:func:`reconstruct`). Selects the ``"headwise"`` attention on ``model``, as :func:`headwise.api.make_cache`
+    does.
     """
     if plan.mode != "prefill":
         raise ValueError("a cache built from a dense prefill must be in prefill mode")
@@ -104,7 +146,8 @@ def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan) -> Headwis
     for i, (layer, seen) in enumerate(zip(cache.layers, dense.layers, strict=True)):
         if isinstance(layer, CompressedLayer):
             assert isinstance(seen, LayerTensors)
-            layer.absorb(seen.keys, seen.values, seen.query, seen.attention_mask, seen.scaling)
+            layer.absorb(seen.keys, seen.values, seen.query, seen.attention_mask, seen.scaling,
+                         reconstruction[i] if reconstruction else None)
         else:
             cache.layers[i] = copy.deepcopy(seen)
     return cache

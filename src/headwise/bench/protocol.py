@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,6 +36,7 @@ from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.generation import Sampling, build_prompt, decode, prefill, stop_token_ids
 from headwise.models import LoadedModel
+from headwise.policies.kvzip import REPEAT
 
 
 def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]:
@@ -53,6 +54,14 @@ def prompt_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]
     head = build_prompt(lm, sample.context, chat=False)
     tail = f"{SEPARATOR}{sample.question}\nAnswer: {sample.answer_prefix}".rstrip()
     return head, list(tok(tail, add_special_tokens=False)["input_ids"])
+
+
+def reconstruction_parts(lm: LoadedModel, sample: Sample) -> tuple[list[int], list[int]]:
+    """What KVzip feeds after a sample's context piece (:func:`headwise.dense.reconstruct`): the request to repeat
+    the context, in the prompt's own format (the question piece of :func:`prompt_parts`, with the request as the
+    question and no answer prefix), and the context's text to copy, as token ids."""
+    request = prompt_parts(lm, replace(sample, question=REPEAT, answer_prefix=""))[1]
+    return request, list(lm.tokenizer(sample.context, add_special_tokens=False)["input_ids"])
 
 
 def timing_prompt(lm: LoadedModel, length: int) -> tuple[Sample, list[int]]:

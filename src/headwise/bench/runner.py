@@ -58,7 +58,7 @@ import headwise
 from headwise import dense
 from headwise.api import PLAN_OPTIONS, make_cache, make_plan
 from headwise.bench.calibration import CALIBRATION_SEED, FULL
-from headwise.bench.protocol import Answer, answer, context_parts, follow
+from headwise.bench.protocol import Answer, answer, context_parts, follow, reconstruction_parts
 from headwise.bench.store import append_record, read_records, repair
 from headwise.bench.tasks import Sample
 from headwise.cache import HeadwiseCache, Plan
@@ -258,6 +258,9 @@ def plan_cells(
              **kw) -> Cell:
         given = {**(options.get(method, {}) if method != FULL else {}), **(extra or {})}
         plan = make_plan(**plan_arguments(method, ratio, given))
+        if plan.policy.reconstructs() and (protocol != "agnostic" or chunk_size is not None or "sparse" in given):
+            raise HeadwiseError(f"method '{method}' ranks tokens by a reconstruction of the context: it runs only "
+                                "question-agnostic on a one-forward prefill (no --chunk-size, --sparse or aware)")
         return Cell(method=method, ratio=ratio, task=task, length=length, protocol=protocol, options=given,
                     resolved=resolved_options(plan), **common, **kw)
 
@@ -328,6 +331,8 @@ class Context:
         self.head, self.tails = context_parts(lm, questions)
         self._dense: dense.DenseContext | None = None
         self.dense_seconds = 0.0
+        self._reconstruction: tuple[torch.Tensor | None, ...] | None = None
+        self.reconstruction_seconds = 0.0
 
     def dense(self) -> dense.DenseContext:
         if self._dense is None:
@@ -335,6 +340,15 @@ class Context:
             self._dense = dense.capture(self.lm.model, torch.tensor([self.head]))
             self.dense_seconds = time.perf_counter() - start
         return self._dense
+
+    def reconstruction(self) -> tuple[torch.Tensor | None, ...]:
+        """KVzip's reconstruction attention of the context (:func:`headwise.dense.reconstruct`), on first use."""
+        if self._reconstruction is None:
+            start = time.perf_counter()
+            request, copy_ids = reconstruction_parts(self.lm, self.questions[0])
+            self._reconstruction = dense.reconstruct(self.lm.model, self.head, request, copy_ids)
+            self.reconstruction_seconds = time.perf_counter() - start
+        return self._reconstruction
 
     def shares(self, cell: Cell) -> bool:
         """Whether ``cell``'s cache is built from the shared dense prefill."""
@@ -346,9 +360,10 @@ class Context:
         if self.shares(cell) and ids == self.head:
             plan = make_plan(**plan_arguments(cell.method, cell.ratio, cell.options))
             shared = self.dense()
+            rows = self.reconstruction() if plan.policy.reconstructs() else None
             start = time.perf_counter()
-            cache = dense.compress(self.lm.model, shared, plan)
-            seconds = time.perf_counter() - start
+            cache = dense.compress(self.lm.model, shared, plan, rows)
+            seconds = time.perf_counter() - start + (self.reconstruction_seconds if rows else 0.0)
             prefill_seconds, compress_seconds = self.dense_seconds + seconds, seconds
         else:
             cache = new_cache(self.lm, cell, len(ids))

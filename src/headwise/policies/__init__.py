@@ -18,13 +18,15 @@ from headwise.policies.h2o import H2O
 from headwise.policies.headwise import HeadAware
 from headwise.policies.keydiff import KeyDiff
 from headwise.policies.knorm import Knorm
+from headwise.policies.kvzip import KVzip
 from headwise.policies.random import Random
 from headwise.policies.snapkv import SnapKV
 from headwise.policies.streaming_llm import StreamingLLM
 from headwise.policies.tova import TOVA
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, A2SF, SnapKV, TOVA, Knorm, KeyDiff, HeadAware)
+    cls.name: cls for cls in (Full, Random, StreamingLLM, H2O, A2SF, SnapKV, TOVA, Knorm, KeyDiff, KVzip,
+                              HeadAware)
 }
 
 

@@ -59,6 +59,12 @@ class Policy:
         """Most recent tokens to protect when keeping ``budget`` tokens (default: ``window``)."""
         return self.window
 
+    def reconstructs(self) -> bool:
+        """True if the attention this policy folds comes from a reconstruction of the context
+        (:func:`headwise.dense.reconstruct`, for KVzip) rather than from the prefill's own queries. Such a cache is
+        built only from a dense prefill (:func:`headwise.dense.compress`)."""
+        return False
+
     def min_budget(self) -> int:
         """Smallest token budget that this policy can honour (its protected tokens)."""
         return self.sinks + self.window

@@ -297,6 +297,9 @@ class HeadAware(Policy):
         ranking = self._streaming if self._kinds[layer_idx, head] == "streaming" else self._other
         return ranking.for_head(layer_idx, head)
 
+    def reconstructs(self) -> bool:
+        return self._other.reconstructs()
+
     def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int]:
         if self._memo is None or self._memo[0] != (seen, budget):
             keys = list(self._kinds)

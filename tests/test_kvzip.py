@@ -1,0 +1,88 @@
+"""KVzip (headwise.policies.kvzip): the reconstruction's attention against a naive reference, the chunked
+reconstruction against one forward over the whole copy, and caches built from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from headwise.api import make_cache, make_plan
+from headwise.bench.runner import plan_cells
+from headwise.dense import LayerTensors, capture, compress, reconstruct
+from headwise.errors import HeadwiseError
+from headwise.policies.kvzip import reconstruction_attention
+
+
+def naive_reconstruction(query, keys, n, scaling):
+    """Per query head and query: a causal softmax over the keys up to the query's position; max over queries,
+    then over the query heads of each KV head."""
+    b, hq, m, _ = query.shape
+    kv, total = keys.shape[1], keys.shape[2]
+    group = hq // kv
+    out = torch.zeros(b, kv, n)
+    for batch in range(b):
+        for qh in range(hq):
+            for i in range(m):
+                pos = total - m + i
+                logits = torch.stack([query[batch, qh, i] @ keys[batch, qh // group, j] for j in range(pos + 1)])
+                weights = torch.softmax(logits * scaling, dim=0)
+                seen = min(n, pos + 1)
+                out[batch, qh // group, :seen] = torch.maximum(out[batch, qh // group, :seen], weights[:seen])
+    return out
+
+
+@pytest.mark.parametrize(("hq", "kv", "block"), [(4, 2, 3), (3, 3, 256), (6, 1, 5)])
+def test_reconstruction_attention_matches_naive_reference(hq, kv, block):
+    torch.manual_seed(hq + kv)
+    n, m, d = 9, 7, 8
+    query, keys = torch.randn(2, hq, m, d), torch.randn(2, kv, n + m, d)
+    got = reconstruction_attention(query, keys, n, d ** -0.5, block=block)
+    assert got.shape == (2, kv, n)
+    torch.testing.assert_close(got, naive_reconstruction(query, keys, n, d ** -0.5))
+
+
+def test_chunked_reconstruction_is_the_max_over_its_chunks():
+    """Each chunk runs on its own copy of the context's cache: its scores are those of one forward over the context,
+    the request and that chunk alone (captured here directly); the result is their maximum."""
+    model = tiny_model("llama")
+    torch.manual_seed(2)
+    context, request, copy_ids = (torch.randint(0, 128, (k,)).tolist() for k in (40, 3, 30))
+    got = reconstruct(model, context, request, copy_ids, chunk=12)
+    want = None
+    for start in range(0, 30, 12):
+        tail = request + copy_ids[start : start + 12]
+        dense = capture(model, torch.tensor([context + tail]))
+        rows = [reconstruction_attention(layer.query[:, :, -len(tail):], layer.keys, 40, layer.scaling)
+                for layer in dense.layers if isinstance(layer, LayerTensors)]
+        want = rows if want is None else [torch.maximum(a, b) for a, b in zip(want, rows, strict=True)]
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_kvzip_cache_keeps_the_most_reconstructed_tokens(arch):
+    model = tiny_model(arch)
+    torch.manual_seed(3)
+    context, request = torch.randint(0, 128, (60,)).tolist(), [5, 6]
+    dense = capture(model, torch.tensor([context]))
+    rows = reconstruct(model, context, request, context[1:])
+    cache = compress(model, dense, make_plan("kvzip", ratio=0.5), rows)
+    layers = [r for r in rows if r is not None]
+    assert len(layers) == len(cache.compressed_layers)
+    for layer, row in zip(cache.compressed_layers, layers, strict=True):
+        for h, head in enumerate(layer.heads):
+            want = torch.topk(row[0, h], 30).indices.sort().values
+            assert torch.equal(head.positions[0].long(), want)
+
+
+def test_kvzip_needs_the_dense_path():
+    model = tiny_model("llama")
+    with pytest.raises(HeadwiseError, match="reconstruction"):
+        make_cache(model, "kvzip", ratio=0.5)
+    dense = capture(model, torch.randint(0, 128, (1, 20)))
+    with pytest.raises(HeadwiseError, match="reconstruction"):
+        compress(model, dense, make_plan("kvzip", ratio=0.5))
+    with pytest.raises(HeadwiseError, match="question-agnostic"):
+        plan_cells("m", ["kvzip"], [0.5], ["passkey"], [1024], protocols=("aware",), n_samples=1, seed=0)
