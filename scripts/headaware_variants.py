@@ -9,7 +9,7 @@ Usage::
 
 A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options of the ``headwise`` policy;
 ``--profile`` is added to every variant). ``--also POLICY[:KEY=VALUE,...]`` runs another policy beside them on
-the same answers (named by the policy; KVzip, say, as a yardstick). Each context is prefilled once, densely, and
+the same answers (named as given; KVzip, say, as a yardstick). Each context is prefilled once, densely, and
 every variant's cache at every ratio is built from that prefill, as ``headwise bench`` does for its methods (the
 same protocol, parts and fidelity, run by :func:`headwise.bench.runner.sweep`). The store is resumable: rerun the
 same line to go on. The summary gives, per variant and ratio, the mean over the tasks' means with its 95%
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--profile", help="the head profile every variant plans from (needed to run)")
     parser.add_argument("--variant", action="append", required=True, metavar="NAME[:KEY=VALUE,...]")
     parser.add_argument("--also", action="append", default=[], metavar="POLICY[:KEY=VALUE,...]",
-                        help="another policy to run beside the variants, named by the policy (repeatable)")
+                        help="another policy to run beside the variants, named as given (repeatable)")
     parser.add_argument("--tasks", default="passkey,multikey,vartrack,qa")
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--contexts", type=int, default=6, help="contexts per task")
@@ -89,8 +89,8 @@ def main() -> None:
                         help="only print the summary of the store (or of its .gz copy), with no model and no run")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variant]
-    others = [parse_spec("policy", text) for text in args.also]
-    names = [name for name, _ in variants + others]
+    others = [(text, *parse_spec("policy", text)) for text in args.also]  # (name, policy, options)
+    names = [name for name, _ in variants] + [name for name, _, _ in others]
     if len(set(names)) != len(names):
         raise HeadwiseError(f"variant names repeat: {', '.join(names)}")
     task_names = split_list(args.tasks, what="task")
@@ -106,11 +106,12 @@ def main() -> None:
     else:
         stored = run(args, variants, others, task_names, ratios, store)
     mine = [r for r in stored.values() if r["seed"] == args.seed and r["task"] in task_names]
-    report(args, variants + others, mine)
+    report(args, variants + [(name, options) for name, _, options in others], mine)
 
 
-def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], others: list[tuple[str, dict[str, str]]],
-        task_names: list[str], ratios: list[float], store: Path) -> dict[str, dict]:
+def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
+        others: list[tuple[str, str, dict[str, str]]], task_names: list[str], ratios: list[float],
+        store: Path) -> dict[str, dict]:
     """Run the parts missing from ``store`` (the variants, then the ``others`` policies); return every record of it
     by key."""
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], ot
     set_threads(args.threads)
     cells: dict[str, tuple[str | None, runner.Cell]] = {}  # key -> (variant, cell); the full cache's variant: None
     runs = [(name, "headwise", {**options, "profile": args.profile}) for name, options in variants]
-    for name, policy, options in runs + [(policy, policy, options) for policy, options in others]:
+    for name, policy, options in runs + others:
         for cell in runner.plan_cells(args.model, [policy], ratios, task_names, [args.length],
                                       n_samples=args.contexts, seed=args.seed, calibration_seed=None,
                                       options={policy: options}):
