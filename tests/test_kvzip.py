@@ -48,7 +48,7 @@ def test_chunked_reconstruction_is_the_max_over_its_chunks():
     model = tiny_model("llama")
     torch.manual_seed(2)
     context, request, copy_ids = (torch.randint(0, 128, (k,)).tolist() for k in (40, 3, 30))
-    got = reconstruct(model, context, request, copy_ids, chunk=12)
+    got = reconstruct(model, capture(model, torch.tensor([context])), request, copy_ids, chunk=12)
     want = None
     for start in range(0, 30, 12):
         tail = request + copy_ids[start : start + 12]
@@ -67,7 +67,7 @@ def test_kvzip_cache_keeps_the_most_reconstructed_tokens(arch):
     torch.manual_seed(3)
     context, request = torch.randint(0, 128, (60,)).tolist(), [5, 6]
     dense = capture(model, torch.tensor([context]))
-    rows = reconstruct(model, context, request, context[1:])
+    rows = reconstruct(model, dense, request, context[1:])
     cache = compress(model, dense, make_plan("kvzip", ratio=0.5), rows)
     layers = [r for r in rows if r is not None]
     assert len(layers) == len(cache.compressed_layers)

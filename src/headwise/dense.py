@@ -101,21 +101,21 @@ def capture(model: torch.nn.Module, input_ids: torch.Tensor) -> DenseContext:
 
 
 @torch.inference_mode()
-def reconstruct(model: torch.nn.Module, context: list[int], request: list[int], copy_ids: list[int],
+def reconstruct(model: torch.nn.Module, dense: DenseContext, request: list[int], copy_ids: list[int],
                 chunk: int = 2048) -> tuple[torch.Tensor | None, ...]:
-    """KVzip's scores of a context (:mod:`headwise.policies.kvzip`): after the ``context`` ids, feed a
-    ``request`` to repeat it followed by the context's text again (``copy_ids``), ``chunk`` tokens of it at a
-    time, each on its own copy of the context's cache (so the reconstruction never holds more than the context,
-    the request and one chunk), and return per layer the largest attention each context token receives from
-    those queries, per KV head: [1, H, len(context)] for the layers headwise compresses, None for the others.
+    """KVzip's scores of a context (:mod:`headwise.policies.kvzip`): after the context's dense prefill
+    (:func:`capture`), feed a ``request`` to repeat it followed by the context's text again (``copy_ids``),
+    ``chunk`` tokens of it at a time, each on its own copy of the context's cache (so the reconstruction never
+    holds more than the context, the request and one chunk), and return per layer the largest attention each
+    context token receives from those queries, per KV head: [1, H, n] for the layers headwise compresses, None
+    for the others.
 
     Attention is taken as plain causal (no padding), as in every model headwise compresses.
     """
     if chunk < 1:
         raise ValueError(f"the reconstruction chunk must be at least 1 token, got {chunk}")
-    n = len(context)
-    cache = _capturing_cache(model, n + len(request) + min(chunk, len(copy_ids)))
-    forward(model, cache, torch.tensor([context]), logits_to_keep=1)
+    n = dense.length
+    cache = _filled(_capturing_cache(model, n + len(request) + min(chunk, len(copy_ids))), dense)
     best: list[torch.Tensor | None] = [None] * len(cache.layers)
     for start in range(0, len(copy_ids), chunk):
         piece = copy.deepcopy(cache)
@@ -141,7 +141,13 @@ def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan,
     if plan.mode != "prefill":
         raise ValueError("a cache built from a dense prefill must be in prefill mode")
     model.set_attn_implementation(headwise.attention.NAME)
-    cache = HeadwiseCache(model.config, plan)
+    return _filled(HeadwiseCache(model.config, plan), dense, reconstruction)
+
+
+def _filled(cache: HeadwiseCache, dense: DenseContext,
+            reconstruction: tuple[torch.Tensor | None, ...] | None = None) -> HeadwiseCache:
+    """``cache`` (new) after its compressed layers absorbed ``dense``'s tensors and its other layers became
+    copies of ``dense``'s."""
     cache.check_prompt(dense.length)
     for i, (layer, seen) in enumerate(zip(cache.layers, dense.layers, strict=True)):
         if isinstance(layer, CompressedLayer):

@@ -346,7 +346,7 @@ class Context:
         if self._reconstruction is None:
             start = time.perf_counter()
             request, copy_ids = reconstruction_parts(self.lm, self.questions[0])
-            self._reconstruction = dense.reconstruct(self.lm.model, self.head, request, copy_ids)
+            self._reconstruction = dense.reconstruct(self.lm.model, self.dense(), request, copy_ids)
             self.reconstruction_seconds = time.perf_counter() - start
         return self._reconstruction
 

@@ -50,18 +50,21 @@ def reconstruction_attention(
     [B, H, n] float32: the maximum over the group's query heads and over the queries of the softmax weight
     (each query's softmax runs over the keys up to its own position).
     """
-    b, hq, m, _ = query.shape
+    b, hq, m, d = query.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = hq // kv_heads
-    keys_t = keys.float().repeat_interleave(group, dim=1).transpose(-1, -2)
-    best = torch.zeros(b, hq, n)
+    keys_t = keys.float().transpose(-1, -2)  # [B, H, d, N]
+    best = torch.zeros(b, kv_heads, n)
     for start in range(0, m, block):
         stop = min(m, start + block)
-        logits = torch.matmul(query[:, :, start:stop].float(), keys_t) * scaling
-        position = torch.arange(total - m + start, total - m + stop)
-        logits = logits.masked_fill(torch.arange(total)[None, :] > position[:, None], float("-inf"))
-        best = torch.maximum(best, logits.softmax(dim=-1)[..., :n].amax(dim=2))
-    return best.view(b, kv_heads, group, n).amax(dim=2)
+        rows = query[:, :, start:stop].float().reshape(b, kv_heads, group * (stop - start), d) * scaling
+        logits = torch.matmul(rows, keys_t).unflatten(2, (group, stop - start))  # [B, H, group, rows, N]
+        # causal: query i of the reconstruction sits at position total - m + i and sees the keys up to it
+        later = torch.arange(total - m, total)[None, :] > torch.arange(total - m + start, total - m + stop)[:, None]
+        logits[..., total - m :].masked_fill_(later, float("-inf"))
+        weights = logits.softmax(dim=-1)[..., :n]
+        best = torch.maximum(best, weights.amax(dim=(2, 3)))
+    return best
 
 
 @dataclass
