@@ -86,3 +86,29 @@ def test_kvzip_needs_the_dense_path():
         compress(model, dense, make_plan("kvzip", ratio=0.5))
     with pytest.raises(HeadwiseError, match="question-agnostic"):
         plan_cells("m", ["kvzip"], [0.5], ["passkey"], [1024], protocols=("aware",), n_samples=1, seed=0)
+
+
+def test_head_aware_policy_ranks_its_other_heads_by_reconstruction(tmp_path):
+    from test_headwise_policy import synthetic_profile
+
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
+    torch.manual_seed(4)
+    context = torch.randint(0, 128, (120,)).tolist()
+    dense = capture(model, torch.tensor([context]))
+    rows = [r for r in reconstruct(model, dense, [7, 8], context) if r is not None]
+    plan = make_plan("headwise", ratio=0.6, options={"profile": path, "sinks": 2, "window": 10, "other": "kvzip",
+                                                     "budgets": "roles"})
+    with pytest.raises(HeadwiseError, match="reconstruction"):
+        make_cache(model, "headwise", ratio=0.6, options={"profile": path, "other": "kvzip"})
+    cache = compress(model, dense, plan, tuple(rows))
+    layers = cache.compressed_layers
+    assert layers[0].heads[0].positions.shape[1] == 120  # the retrieval head keeps everything
+    assert layers[0].heads[1].positions[0].tolist() == [0, 1, *range(110, 120)]  # streaming: sinks + window
+    for layer, h in ((1, 0), (2, 1)):  # the other heads: sinks, then their top reconstruction scores
+        head = layers[layer].heads[h]
+        score = rows[layer][0, h].clone()
+        score[:2] = float("inf")
+        want = torch.topk(score, head.positions.shape[1]).indices.sort().values
+        assert torch.equal(head.positions[0].long(), want)

@@ -69,7 +69,9 @@ def reconstruction_attention(
 
 @dataclass
 class KVzip(Policy):
-    """Score = the most attention a token receives while the model repeats the context (see the module docstring).
+    """Score = the most attention a token receives while the model repeats the context; built by `headwise bench`.
+
+    Question-agnostic only: the cache comes from the dense prefill (see the module docstring).
 
     The attention comes from :func:`headwise.dense.reconstruct`, not from the prefill's queries, so the plan's
     ``group_reduce`` does not apply: the paper's maximum over the group is used.
