@@ -112,3 +112,37 @@ def test_head_aware_policy_ranks_its_other_heads_by_reconstruction(tmp_path):
         score[:2] = float("inf")
         want = torch.topk(score, head.positions.shape[1]).indices.sort().values
         assert torch.equal(head.positions[0].long(), want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_global_allocation_keeps_the_top_scores_over_every_head_of_every_layer(arch):
+    """KVzip's budgets: one top-k over all heads of all compressed layers (no floor), against a naive count."""
+    model = tiny_model(arch)
+    torch.manual_seed(5)
+    context = torch.randint(0, 128, (80,)).tolist()
+    dense = capture(model, torch.tensor([context]))
+    rows = reconstruct(model, dense, [3, 4], context)
+    cache = compress(model, dense, make_plan("kvzip", ratio=0.75, options={"allocation": "global", "floor": 0}),
+                     rows)
+    scores = [r[0, h] for r in rows if r is not None for h in range(r.shape[1])]
+    total = 20 * len(scores)  # a quarter of 80 tokens per head, on average
+    threshold = torch.cat(scores).sort(descending=True).values[total - 1]
+    kept = [head.positions[0].long() for layer in cache.compressed_layers for head in layer.heads]
+    assert sum(k.numel() for k in kept) == total
+    assert len({k.numel() for k in kept}) > 1  # the heads keep different amounts
+    for k, s in zip(kept, scores, strict=True):
+        assert torch.equal(k, torch.nonzero(s >= threshold).flatten())  # no ties in random scores
+    with pytest.raises(HeadwiseError, match="dense prefill"):
+        make_cache(model, "snapkv", ratio=0.5, options={"allocation": "global"})
+
+
+def test_global_allocation_floor_keeps_a_share_in_every_head():
+    model = tiny_model("llama")
+    context = torch.randint(0, 128, (80,), generator=torch.Generator().manual_seed(6)).tolist()
+    dense = capture(model, torch.tensor([context]))
+    def kept(floor):
+        plan = make_plan("snapkv", ratio=0.75, options={"allocation": "global", "floor": floor, "window": 4})
+        return [n for layer in compress(model, dense, plan).compressed_layers for n in layer.kept()]
+
+    assert min(kept(0)) < 18 and sum(kept(0)) == 20 * len(kept(0))
+    assert min(kept(0.9)) >= 18 and sum(kept(0.9)) == 20 * len(kept(0.9))  # floor: 0.9 of a head's 20-token share

@@ -118,7 +118,8 @@ def test_random_is_reproducible():
 
 
 def test_registry_and_option_errors():
-    assert {"full", "random", "streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm", "keydiff"} <= set(POLICIES)
+    assert {"full", "random", "streaming_llm", "h2o", "a2sf", "snapkv", "tova", "knorm", "keydiff",
+            "kvzip"} <= set(POLICIES)
     with pytest.raises(HeadwiseError, match="unknown policy"):
         make_policy("nope")
     with pytest.raises(HeadwiseError, match="unknown option"):

@@ -112,7 +112,7 @@ def make_plan(
     pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
     plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)
     for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
-                                ("floor", "allocation=adaptive", plan.allocation == "adaptive")):
+                                ("floor", "allocation=adaptive or global", plan.allocation in ("adaptive", "global"))):
         if key in plan_opts and not applies:
             raise HeadwiseError(f"option {key} applies only with {needs}")
     if prompt_length is not None:
@@ -157,9 +157,10 @@ def make_cache(
     """
     plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options,
                      select=select, sparse=sparse)
-    if plan.policy.reconstructs():
-        raise HeadwiseError(f"policy '{policy}' ranks tokens by a reconstruction of the context, which a prefill "
-                            "cannot give: build its cache with headwise.dense (capture, reconstruct, compress), "
-                            "as `headwise bench` does question-agnostic")
+    if plan.needs_dense_prefill():
+        raise HeadwiseError(f"policy '{policy}' with allocation '{plan.allocation}' needs a dense prefill (a "
+                            "reconstruction of the context, or every layer's scores at once): build its cache with "
+                            "headwise.dense (capture, reconstruct, compress), as `headwise bench` does "
+                            "question-agnostic")
     model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from headwise.cache import Plan
 
 SCHEDULES = ("uniform", "pyramid")
-ALLOCATIONS = ("uniform", "adaptive")
+ALLOCATIONS = ("uniform", "adaptive", "global")
 
 
 def keep_count(seen: int, *, ratio: float | None = None, budget: int | None = None) -> int:

@@ -82,9 +82,12 @@ class Plan:
     slope : float
         Pyramid steepness: first layer ``1 + slope`` times the mean budget, last ``1 - slope``, before clipping.
     allocation : str
-        Per-head budgets inside a layer: ``"uniform"`` or ``"adaptive"`` (AdaKV).
+        Per-head budgets: ``"uniform"``, ``"adaptive"`` (AdaKV: one top-k over the scores of a layer's heads) or
+        ``"global"`` (one top-k over every head of every layer, as KVzip allocates; the layers' budgets then
+        only set the total). Global allocation needs every layer's scores at once: such a cache is built from
+        a dense prefill (:func:`headwise.dense.compress`), not by a prefill.
     floor : float
-        With adaptive allocation, the least each head keeps, as a fraction of its uniform share.
+        With adaptive or global allocation, the least each head keeps, as a fraction of its uniform share.
     group_reduce : str
         How the query heads of one GQA group are combined into one attention row per KV head:
         ``"mean"`` or ``"max"``.
@@ -143,11 +146,16 @@ class Plan:
         check_schedule(self.schedule, self.slope)
         if self.policy.scores_per_layer() and self.allocation != "uniform":
             raise HeadwiseError(f"policy '{self.policy.name}' keeps the same tokens in every head of a layer: "
-                                "it takes no adaptive allocation")
+                                "it takes no adaptive or global allocation")
         sets_head_budgets = type(self.policy).head_budgets is not Policy.head_budgets
         if sets_head_budgets and (self.schedule, self.allocation) != ("uniform", "uniform"):
             raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
                                 "it takes no schedule or allocation option")
+
+    def needs_dense_prefill(self) -> bool:
+        """Whether a cache for this plan can only be built from a dense prefill (:func:`headwise.dense.compress`):
+        its policy ranks by a reconstruction of the context, or its allocation compares every layer's scores."""
+        return self.policy.reconstructs() or self.allocation == "global"
 
     def layer_target(self, seen: int, fractions: list[float], rank: int) -> int:
         """Tokens one KV head of layer ``rank`` keeps (on average) after ``seen`` tokens, where ``fractions``
@@ -345,6 +353,8 @@ class CompressedLayer(CacheLayerMixin):
         self.pairs_computed: dict[int, int] = {}  # prefill with a sparse plan: causal (query, key) pairs per KV
         self.pairs_causal: dict[int, int] = {}  # head (its query group), computed and all
         self.shared: dict[str, torch.Tensor] = {}  # decoding room all heads share (see _share_room)
+        # global allocation: (scores per head, layer budget, valid) until HeadwiseCache.allocate compresses
+        self.pending: tuple[list[torch.Tensor], int, list[torch.Tensor | None]] | None = None
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -740,11 +750,18 @@ class CompressedLayer(CacheLayerMixin):
         else:
             scores = [self.scores(head, s, v, budget)
                       for head, s, v in zip(self.heads, self.policy_scores(), valid, strict=True)]
+            if self.plan.allocation == "global":  # decided over every layer at once: HeadwiseCache.allocate
+                self.pending = (scores, budget, valid)
+                return
             if self.plan.allocation == "adaptive":
                 floor = floor_tokens(budget, self.plan.floor)
                 counts = adaptive_counts([s.mean(dim=0) for s in scores], budget * len(self.heads), floor)
             else:
                 counts = [min(budget, s.shape[1]) for s in scores]
+        self.keep_top(scores, counts, valid)
+
+    def keep_top(self, scores: list[torch.Tensor], counts: list[int], valid: list[torch.Tensor | None]) -> None:
+        """Each head keeps its ``counts`` highest ``scores`` [B, n] (``valid``: its non-padding tokens)."""
         for head, s, k, v in zip(self.heads, scores, counts, valid, strict=True):
             if k < s.shape[1]:
                 head.keep(torch.topk(s, k, dim=1).indices.sort(dim=1).values, self.plan.compensate, v)
@@ -792,6 +809,21 @@ class HeadwiseCache(Cache):
         check_prompt(self.plan, prompt_length)
         for layer in self.compressed_layers:
             layer.prompt_checked = True
+
+    def allocate(self) -> None:
+        """Compress the layers waiting for the plan's global allocation: one top-k over the scores of every head
+        of every such layer for their total budget, each head keeping at least the plan's ``floor`` share of its
+        layer's budget (:func:`headwise.budgets.adaptive_counts`, AdaKV's rule over the whole model)."""
+        waiting = [layer for layer in self.compressed_layers if layer.pending is not None]
+        if not waiting:
+            return
+        pending = [layer.pending for layer in waiting]
+        total = sum(budget * len(scores) for scores, budget, _ in pending)
+        floor = min(floor_tokens(budget, self.plan.floor) for _, budget, _ in pending)
+        counts = iter(adaptive_counts([s.mean(dim=0) for scores, _, _ in pending for s in scores], total, floor))
+        for layer, (scores, _, valid) in zip(waiting, pending, strict=True):
+            layer.pending = None
+            layer.keep_top(scores, [next(counts) for _ in scores], valid)
 
     def seal(self) -> None:
         """Stop compressing after multi-token forwards (the context is done; questions come next)."""

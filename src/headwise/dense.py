@@ -135,13 +135,15 @@ def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan,
 
     ``plan`` must be in ``prefill`` mode (see the module docstring). A policy that
     :meth:`~headwise.policies.base.Policy.reconstructs` needs the context's ``reconstruction``
-    (:func:`reconstruct`). Selects the ``"headwise"`` attention on ``model``, as :func:`headwise.api.make_cache`
-    does.
+    (:func:`reconstruct`); a plan with ``allocation="global"`` splits its budget over every layer's heads here.
+    Selects the ``"headwise"`` attention on ``model``, as :func:`headwise.api.make_cache` does.
     """
     if plan.mode != "prefill":
         raise ValueError("a cache built from a dense prefill must be in prefill mode")
     model.set_attn_implementation(headwise.attention.NAME)
-    return _filled(HeadwiseCache(model.config, plan), dense, reconstruction)
+    cache = _filled(HeadwiseCache(model.config, plan), dense, reconstruction)
+    cache.allocate()  # a global allocation compares every layer's scores, now all known
+    return cache
 
 
 def _filled(cache: HeadwiseCache, dense: DenseContext,

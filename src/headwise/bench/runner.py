@@ -258,9 +258,10 @@ def plan_cells(
              **kw) -> Cell:
         given = {**(options.get(method, {}) if method != FULL else {}), **(extra or {})}
         plan = make_plan(**plan_arguments(method, ratio, given))
-        if plan.policy.reconstructs() and (protocol != "agnostic" or chunk_size is not None or "sparse" in given):
-            raise HeadwiseError(f"method '{method}' ranks tokens by a reconstruction of the context: it runs only "
-                                "question-agnostic on a one-forward prefill (no --chunk-size, --sparse or aware)")
+        if plan.needs_dense_prefill() and (protocol != "agnostic" or chunk_size is not None or "sparse" in given):
+            raise HeadwiseError(f"method '{method}' (a reconstruction of the context, or a global allocation) needs "
+                                "a dense prefill: it runs only question-agnostic on a one-forward prefill (no "
+                                "--chunk-size, --sparse or aware)")
         return Cell(method=method, ratio=ratio, task=task, length=length, protocol=protocol, options=given,
                     resolved=resolved_options(plan), **common, **kw)
 
