@@ -146,3 +146,29 @@ def test_global_allocation_floor_keeps_a_share_in_every_head():
 
     assert min(kept(0)) < 18 and sum(kept(0)) == 20 * len(kept(0))
     assert min(kept(0.9)) >= 18 and sum(kept(0.9)) == 20 * len(kept(0.9))  # floor: 0.9 of a head's 20-token share
+
+
+def test_head_aware_scores_budgets_keep_retrieval_heads_whole_and_the_rest_by_one_top_k(tmp_path):
+    from test_headwise_policy import synthetic_profile
+
+    model = tiny_model("llama")  # 3 layers x 2 KV heads
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
+    options = {"profile": path, "sinks": 2, "other": "kvzip", "budgets": "scores"}
+    with pytest.raises(HeadwiseError, match="allocation=global"):
+        make_plan("headwise", ratio=0.5, options=options)
+    context = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(7)).tolist()
+    dense = capture(model, torch.tensor([context]))
+    rows = reconstruct(model, dense, [9], context)
+    plan = make_plan("headwise", ratio=0.5, options={**options, "allocation": "global", "floor": 0})
+    cache = compress(model, dense, plan, rows)
+    heads = [(layer, h) for layer in range(3) for h in range(2)]
+    kept = {(layer, h): cache.compressed_layers[layer].heads[h].positions[0].long() for layer, h in heads}
+    assert kept[0, 0].numel() == 100  # the retrieval head keeps everything
+    assert sum(k.numel() for k in kept.values()) == 50 * 6
+    rest = {k: rows[k[0]][0, k[1]].clone() for k in heads if k != (0, 0)}
+    for s in rest.values():
+        s[:2] = float("inf")  # sinks
+    threshold = torch.cat(list(rest.values())).sort(descending=True).values[50 * 6 - 100 - 1]
+    for k, s in rest.items():
+        assert torch.equal(kept[k], torch.nonzero(s >= threshold).flatten()), k

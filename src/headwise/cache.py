@@ -147,10 +147,12 @@ class Plan:
         if self.policy.scores_per_layer() and self.allocation != "uniform":
             raise HeadwiseError(f"policy '{self.policy.name}' keeps the same tokens in every head of a layer: "
                                 "it takes no adaptive or global allocation")
-        sets_head_budgets = type(self.policy).head_budgets is not Policy.head_budgets
-        if sets_head_budgets and (self.schedule, self.allocation) != ("uniform", "uniform"):
+        needs = self.policy.allocation()
+        if needs == "own" and (self.schedule, self.allocation) != ("uniform", "uniform"):
             raise HeadwiseError(f"policy '{self.policy.name}' sets its own per-head budgets: "
                                 "it takes no schedule or allocation option")
+        if needs not in (None, "own") and self.allocation != needs:
+            raise HeadwiseError(f"policy '{self.policy.name}' with these options needs allocation={needs}")
 
     def needs_dense_prefill(self) -> bool:
         """Whether a cache for this plan can only be built from a dense prefill (:func:`headwise.dense.compress`):

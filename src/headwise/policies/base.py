@@ -80,6 +80,11 @@ class Policy:
         """
         return None
 
+    def allocation(self) -> str | None:
+        """The per-head allocation this policy needs: None (whatever the plan gives), ``"own"`` (it sets every
+        head's budget itself, :meth:`head_budgets`) or one of the plan's allocations, which the plan must use."""
+        return "own" if type(self).head_budgets is not Policy.head_budgets else None
+
     def scores_per_layer(self) -> bool:
         """True if the policy makes one choice per layer: the cache averages the scores of the layer's KV heads
         before selecting, so every head keeps the same tokens (TOVA). False (default): each KV head keeps its

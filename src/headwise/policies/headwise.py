@@ -25,6 +25,12 @@ Either way each head ranks its tokens by its role: streaming heads (profile role
 the sinks plus the most recent tokens (StreamingLLM), the others their top tokens by ``other`` (SnapKV by
 default); ``other=streaming_llm`` makes every head keep sinks plus a recent window.
 
+With ``budgets="scores"`` (with the plan's ``allocation=global``, so only from a dense prefill) the retrieval
+heads keep everything and every other head, whatever its role, ranks its tokens by ``other``; what the retrieval
+heads leave goes to the highest of those scores over all heads of all layers at once (KVzip's budgets, Kim et al.
+2025, with ``other=kvzip``). If the budget cannot hold the retrieval heads whole, which of their tokens go is
+arbitrary.
+
 ``whole=N`` serves N more heads as retrieval heads, those that send the most attention beyond the profile's
 largest measured window first: DuoAttention keeps a quarter to a half of a GQA model's heads whole, while the
 profile's retrieval threshold picks a few. ``retrieval_keep=f`` caps what a retrieval head takes in step 2 at
@@ -40,6 +46,8 @@ import itertools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
+
+import torch
 
 from headwise.errors import HeadwiseError
 from headwise.policies.base import Policy
@@ -211,6 +219,19 @@ def coverage_budgets(curves: list[list[tuple[int, float]]], n: int, total: int) 
 
 
 @dataclass
+class Whole(Policy):
+    """Every token scores +inf: how a retrieval head keeps its whole context under a global allocation."""
+
+    name: ClassVar[str] = "whole"
+
+    def score(self, keys, values, state, positions):
+        return torch.full(positions.shape, float("inf"), device=positions.device)
+
+
+WHOLE = Whole()
+
+
+@dataclass
 class HeadAware(Policy):
     """Role-based budgets per KV head from a head profile (see the module docstring).
 
@@ -221,7 +242,8 @@ class HeadAware(Policy):
     sinks : int
         First tokens every head keeps.
     window : int
-        Recent tokens every head keeps (a streaming head keeps only sinks + window).
+        Recent tokens every head keeps (a streaming head keeps only sinks + window); with ``budgets="scores"``
+        it is not used (``other`` ranks every token but the sinks, by its own rule).
     other : str
         Policy that ranks tokens in retrieval heads that cannot keep everything and in the other heads.
     retrieval_threshold : float
@@ -229,8 +251,10 @@ class HeadAware(Policy):
     budgets : str
         ``"coverage"`` (default): all non-retrieval heads share what the retrieval heads leave by the
         profile's locality curves (the profile needs its locality metrics, which ``headwise profile`` writes);
-        ``"roles"``: streaming heads keep sinks + window and the other heads share it (see the module
-        docstring). Coverage follows the full cache more closely (answer NLL and top-1 agreement, BENCHMARKS.md).
+        ``"roles"``: streaming heads keep sinks + window and the other heads share it; ``"scores"``: by one top-k
+        over the scores of ``other`` in every non-retrieval head (needs the plan's ``allocation=global``; see
+        the module docstring). Coverage follows the full cache more closely than roles (answer NLL and top-1
+        agreement, BENCHMARKS.md).
     retrieval_keep : float
         The share of the context a retrieval head keeps before the other heads get any budget, in (0, 1]: with
         less than 1, its tokens are ranked by ``other`` and the rest of the budget goes to the other heads.
@@ -257,8 +281,10 @@ class HeadAware(Policy):
             raise HeadwiseError("policy 'headwise' needs a profile: --profile FILE (from `headwise profile`)")
         if self.other in ("headwise", "full"):
             raise HeadwiseError(f"headwise: other must be a compressing policy, not '{self.other}'")
-        if self.budgets not in ("roles", "coverage"):
-            raise HeadwiseError(f"headwise: budgets must be 'roles' or 'coverage', not '{self.budgets}'")
+        if self.budgets not in ("roles", "coverage", "scores"):
+            raise HeadwiseError(f"headwise: budgets must be 'roles', 'coverage' or 'scores', not '{self.budgets}'")
+        if self.budgets == "scores" and self.retrieval_keep != 1:
+            raise HeadwiseError("headwise: budgets=scores keeps retrieval heads whole: it takes no retrieval_keep")
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
@@ -293,14 +319,26 @@ class HeadAware(Policy):
         """Role used for budgets, per (layer, KV head) of the compressed layers."""
         return dict(self._kinds)
 
+    def allocation(self) -> str | None:
+        return "global" if self.budgets == "scores" else "own"
+
+    def min_budget(self) -> int:
+        return self.sinks if self.budgets == "scores" else super().min_budget()
+
     def for_head(self, layer_idx: int, head: int) -> Policy:
-        ranking = self._streaming if self._kinds[layer_idx, head] == "streaming" else self._other
+        kind = self._kinds[layer_idx, head]
+        if self.budgets == "scores":
+            ranking = WHOLE if kind == "retrieval" else self._other
+        else:
+            ranking = self._streaming if kind == "streaming" else self._other
         return ranking.for_head(layer_idx, head)
 
     def reconstructs(self) -> bool:
         return self._other.reconstructs()
 
-    def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int]:
+    def head_budgets(self, layer_idx: int, seen: int, budget: int) -> list[int] | None:
+        if self.budgets == "scores":
+            return None  # the plan's global allocation
         if self._memo is None or self._memo[0] != (seen, budget):
             keys = list(self._kinds)
             curves = [self._curves[k] for k in keys] if self._curves else None
