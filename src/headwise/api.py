@@ -87,7 +87,8 @@ def make_plan(
     (``"quest:budget=256"``), or as the option ``select``; it combines with any policy, ``full`` included.
     ``sparse`` adds a sparse prefill pattern (:mod:`headwise.sparse`), as a pattern or in ``--sparse``'s form
     (``"ashape:local_blocks=4"``); it too combines with any policy.
-    A policy that does not compress (``full``) takes no ratio above 0, no budget and no options.
+    A policy that does not compress (``full``) takes no ratio above 0, no budget and no options. A policy that needs
+    one allocation (:meth:`~headwise.policies.base.Policy.allocation`: ``kvzip``'s global one) gets it by default.
     """
     opts = parse_options(options)
     if "select" in opts:  # also a plan option, so that -o select=quest:budget=256 reaches bench and serve
@@ -108,6 +109,8 @@ def make_plan(
         raise HeadwiseError(f"policy '{policy}' keeps the whole cache: it takes no ratio, budget or options")
     if ratio is None and budget is None and not pol.compresses:
         ratio = 0.0
+    if pol.allocation() not in (None, "own"):  # the allocation the policy needs, unless asked for (then checked)
+        plan_opts.setdefault("allocation", pol.allocation())
     selector = parse_selector(select) if isinstance(select, str) else select
     pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
     plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)

@@ -25,11 +25,11 @@ Either way each head ranks its tokens by its role: streaming heads (profile role
 the sinks plus the most recent tokens (StreamingLLM), the others their top tokens by ``other`` (SnapKV by
 default); ``other=streaming_llm`` makes every head keep sinks plus a recent window.
 
-With ``budgets="scores"`` (with the plan's ``allocation=global``, so only from a dense prefill) the retrieval
-heads keep everything and every other head, whatever its role, ranks its tokens by ``other``; what the retrieval
-heads leave goes to the highest of those scores over all heads of all layers at once (KVzip's budgets, Kim et al.
-2025, with ``other=kvzip``). If the budget cannot hold the retrieval heads whole, which of their tokens go is
-arbitrary.
+With ``budgets="scores"`` (and the plan's ``allocation=global``, then its default, so only from a dense
+prefill) the retrieval heads keep everything and every other head, whatever its role, ranks its tokens by
+``other``; what the retrieval heads leave goes to the highest of those scores over all heads of all layers at once
+(KVzip's budgets, Kim et al. 2025, with ``other=kvzip``). If the budget cannot hold the retrieval heads whole,
+which of their tokens go is arbitrary.
 
 ``whole=N`` serves N more heads as retrieval heads, those that send the most attention beyond the profile's
 largest measured window first: DuoAttention keeps a quarter to a half of a GQA model's heads whole, while the

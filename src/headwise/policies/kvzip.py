@@ -74,13 +74,19 @@ class KVzip(Policy):
     Question-agnostic only: the cache comes from the dense prefill (see the module docstring).
 
     The attention comes from :func:`headwise.dense.reconstruct`, not from the prefill's queries, so the plan's
-    ``group_reduce`` does not apply: the paper's maximum over the group is used.
+    ``group_reduce`` does not apply: the paper's maximum over the group is used. As in the paper, the budget is
+    split by one top-k over every head of every layer (the plan's ``allocation=global``, set by default; its
+    ``floor`` option keeps a share in every head). With a uniform budget per head it lost digits of the
+    passkeys (BENCHMARKS.md, issue 14).
     """
 
     name: ClassVar[str] = "kvzip"
 
     def reconstructs(self) -> bool:
         return True
+
+    def allocation(self) -> str | None:
+        return "global"  # the paper's budgets: scores compared over every head of every layer
 
     def accumulate(self, state: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         return torch.maximum(state, attn.amax(dim=2))
