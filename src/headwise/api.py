@@ -109,8 +109,8 @@ def make_plan(
         raise HeadwiseError(f"policy '{policy}' keeps the whole cache: it takes no ratio, budget or options")
     if ratio is None and budget is None and not pol.compresses:
         ratio = 0.0
-    if pol.allocation() not in (None, "own"):  # the allocation the policy needs, unless asked for (then checked)
-        plan_opts.setdefault("allocation", pol.allocation())
+    if (needs := pol.allocation()) not in (None, "own"):  # the allocation the policy needs, unless asked for
+        plan_opts.setdefault("allocation", needs)  # (then Plan checks it)
     selector = parse_selector(select) if isinstance(select, str) else select
     pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
     plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)

@@ -54,13 +54,15 @@ def reconstruction_attention(
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = hq // kv_heads
     keys_t = keys.float().transpose(-1, -2)  # [B, H, d, N]
-    best = torch.zeros(b, kv_heads, n)
+    device = query.device
+    best = torch.zeros(b, kv_heads, n, device=device)
     for start in range(0, m, block):
         stop = min(m, start + block)
         rows = query[:, :, start:stop].float().reshape(b, kv_heads, group * (stop - start), d) * scaling
         logits = torch.matmul(rows, keys_t).unflatten(2, (group, stop - start))  # [B, H, group, rows, N]
         # causal: query i of the reconstruction sits at position total - m + i and sees the keys up to it
-        later = torch.arange(total - m, total)[None, :] > torch.arange(total - m + start, total - m + stop)[:, None]
+        later = (torch.arange(total - m, total, device=device)[None, :]
+                 > torch.arange(total - m + start, total - m + stop, device=device)[:, None])
         logits[..., total - m :].masked_fill_(later, float("-inf"))
         weights = logits.softmax(dim=-1)[..., :n]
         best = torch.maximum(best, weights.amax(dim=(2, 3)))
