@@ -29,7 +29,7 @@ model=${3:-smollm2-135m}
 out=results/$model-$length
 store=results/kvpress-$length.jsonl
 export OMP_NUM_THREADS=1
-methods=streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,headwise
+methods=streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,headwise,kvzip
 # Needle depths: at 4K none nearer the start than 0.5 (about 2K tokens before the question), and multikey's none
 # nearer than 0.7. SmolLM2-135M's full cache does not reach farther: one passkey needle alone at 4K scored 0.50 at
 # depth 0.1 and 0.58 at 0.25, and multikey at depths 0.5/0.7/0.9 0.67, its misses at 0.5 (calibration seed;

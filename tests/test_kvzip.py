@@ -75,6 +75,14 @@ def test_kvzip_needs_the_dense_path():
         make_plan("kvzip", ratio=0.5, options={"allocation": "uniform"})
 
 
+def test_a_policys_plan_defaults_apply_only_where_no_option_is_given():
+    assert make_plan("kvzip", ratio=0.5).floor == 0.0  # kvzip's dev-chosen floor
+    assert make_plan("kvzip", ratio=0.5, options={"floor": "0.3"}).floor == 0.3
+    assert make_plan("snapkv", ratio=0.5, options={"allocation": "global"}).floor == 0.2  # the plan's own default
+    with pytest.raises(HeadwiseError, match="floor applies only"):
+        make_plan("snapkv", ratio=0.5, options={"floor": "0.1"})
+
+
 def test_head_aware_policy_ranks_its_other_heads_by_reconstruction(tmp_path):
     from test_headwise_policy import synthetic_profile
 

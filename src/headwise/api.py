@@ -88,7 +88,8 @@ def make_plan(
     ``sparse`` adds a sparse prefill pattern (:mod:`headwise.sparse`), as a pattern or in ``--sparse``'s form
     (``"ashape:local_blocks=4"``); it too combines with any policy.
     A policy that does not compress (``full``) takes no ratio above 0, no budget and no options. A policy that needs
-    one allocation (:meth:`~headwise.policies.base.Policy.allocation`: ``kvzip``'s global one) gets it by default.
+    one allocation (:meth:`~headwise.policies.base.Policy.allocation`: ``kvzip``'s global one) gets it by default,
+    and a policy's preferred plan options (:meth:`~headwise.policies.base.Policy.plan_defaults`) apply unless given.
     """
     opts = parse_options(options)
     if "select" in opts:  # also a plan option, so that -o select=quest:budget=256 reaches bench and serve
@@ -111,12 +112,15 @@ def make_plan(
         ratio = 0.0
     if (needs := pol.allocation()) not in (None, "own"):  # the allocation the policy needs, unless asked for
         plan_opts.setdefault("allocation", needs)  # (then Plan checks it)
+    given = set(plan_opts)
+    for key, value in pol.plan_defaults().items():
+        plan_opts.setdefault(key, value)
     selector = parse_selector(select) if isinstance(select, str) else select
     pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
     plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)
     for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
                                 ("floor", "allocation=adaptive or global", plan.allocation in ("adaptive", "global"))):
-        if key in plan_opts and not applies:
+        if key in given and not applies:
             raise HeadwiseError(f"option {key} applies only with {needs}")
     if prompt_length is not None:
         check_prompt(plan, prompt_length)

@@ -85,6 +85,11 @@ class Policy:
         head's budget itself, :meth:`head_budgets`) or one of the plan's allocations, which the plan must use."""
         return "own" if type(self).head_budgets is not Policy.head_budgets else None
 
+    def plan_defaults(self) -> dict[str, object]:
+        """Plan options this policy is best with (chosen on a dev seed), used where the caller gives none:
+        ``{"floor": 0.0}`` for KVzip, say. The options keep their meaning; only their default changes."""
+        return {}
+
     def scores_per_layer(self) -> bool:
         """True if the policy makes one choice per layer: the cache averages the scores of the layer's KV heads
         before selecting, so every head keeps the same tokens (TOVA). False (default): each KV head keeps its
