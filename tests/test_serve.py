@@ -170,3 +170,13 @@ def test_a_restarted_server_loads_its_saved_contexts(server, folder, contexts_di
         assert again.metric("context_cache_hits_total") == 1 and again.metric("context_cache_misses_total") == 0
     finally:
         again.close()
+
+
+def test_a_kvzip_server_compresses_a_context_once_by_its_reconstruction(folder):
+    kvzip = Served(folder, "--policy", "kvzip")  # the later --policy wins: kvzip at ratio 0.5
+    try:
+        first = ask(kvzip, "What is the door code?")
+        assert ask(kvzip, "What is the door code?") == first
+        assert kvzip.metric("context_cache_misses_total") == 1 and kvzip.metric("context_cache_hits_total") == 1
+    finally:
+        kvzip.close()

@@ -9,11 +9,13 @@ import torch
 
 from bench_helpers import tiny_lm
 from conftest import tiny_model
+from headwise import dense
 from headwise.api import make_cache, make_plan
 from headwise.cache import HeadwiseCache
 from headwise.compat import forward
 from headwise.errors import HeadwiseError
 from headwise.generation import prefill
+from headwise.policies.kvzip import REPEAT
 from headwise.serve.cli import parse_bytes
 from headwise.serve.contexts import Context, ContextCache, context_key, load_context, save_context
 from headwise.serve.launch import parse_metrics
@@ -40,6 +42,32 @@ def test_chat_prompt_cuts_after_the_system_message(chat_lm):
     assert tok.decode(prompt.rest).startswith("<|im_end|>")
     other = chat_prompt(chat_lm, [messages[0], {"role": "user", "content": "and else?"}], threshold=16)
     assert other.context == prompt.context  # the same context, whatever the question
+
+
+def test_a_prompts_reconstruction_request_keeps_the_templates_roles(chat_lm):
+    tok, doc = chat_lm.tokenizer, "a long document " * 8
+    system = chat_prompt(chat_lm, [{"role": "system", "content": doc}, {"role": "user", "content": "q?"}], 16)
+    request, text = system.repeat
+    assert tok.decode(text) == doc
+    assert tok.decode(request) == f"<|im_end|>\n<|im_start|>user\n{REPEAT}<|im_end|>\n<|im_start|>assistant\n"
+    user = chat_prompt(chat_lm, [{"role": "user", "content": doc}], 16)
+    assert tok.decode(user.repeat[0]) == f"\n\n{REPEAT}<|im_end|>\n<|im_start|>assistant\n"
+    completion = completion_prompt(chat_lm, "first part\n\nQ: why?", threshold=4)
+    assert [tok.decode(ids) for ids in completion.repeat] == [f"{REPEAT}\n\n", "first part\n\n"]
+    assert chat_prompt(chat_lm, [{"role": "user", "content": "short"}], 16).repeat is None
+
+
+def test_a_dense_prefill_plan_keeps_its_budget_over_the_whole_model():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (40,)).tolist()
+    plan = make_plan("kvzip", ratio=0.5)
+    with pytest.raises(HeadwiseError, match="reconstruction"):
+        dense.prefill(model, ids, plan)
+    cache, logits = dense.prefill(model, ids, plan, (ids[:3], ids))
+    kept = [n for layer in cache.compressed_layers for n in layer.kept()]
+    assert sum(kept) == len(kept) * 20 and len(set(kept)) > 1  # half in all, split unevenly over the heads
+    full = make_cache(model, "full")
+    assert torch.allclose(logits, prefill(model, torch.tensor([ids]), full), atol=1e-5)
 
 
 def test_chat_prompt_takes_the_first_user_message_only_when_long(chat_lm):

@@ -30,6 +30,7 @@ import headwise.attention
 from headwise.api import make_cache
 from headwise.cache import CompressedLayer, HeadwiseCache, Plan
 from headwise.compat import forward
+from headwise.errors import HeadwiseError
 from headwise.policies import kvzip
 
 
@@ -144,6 +145,24 @@ def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan,
     cache = _filled(HeadwiseCache(model.config, plan), dense, reconstruction)
     cache.allocate()  # a global allocation compares every layer's scores, now all known
     return cache
+
+
+def prefill(model: torch.nn.Module, ids: list[int], plan: Plan,
+            repeat: tuple[list[int], list[int]] | None = None) -> tuple[HeadwiseCache, torch.Tensor]:
+    """The cache ``plan`` keeps of the prompt ``ids``, built from its dense prefill, and the logits after its last
+    token [1, V]: the way to prefill for a plan that :meth:`~headwise.cache.Plan.needs_dense_prefill`.
+
+    ``repeat`` is what :func:`reconstruct` feeds after the prompt (the request to repeat it, then the text to
+    copy, as ids); a policy that reconstructs needs it, and no other policy uses it.
+    """
+    dense = capture(model, torch.tensor([ids]))
+    rows = None
+    if plan.policy.reconstructs():
+        if repeat is None:
+            raise HeadwiseError(f"policy '{plan.policy.name}' needs the request and the text of the context's "
+                                "reconstruction")
+        rows = reconstruct(model, dense, *repeat)
+    return compress(model, dense, plan, rows), dense.logits
 
 
 def _filled(cache: HeadwiseCache, dense: DenseContext,

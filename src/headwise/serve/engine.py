@@ -1,9 +1,10 @@
 """The model side of the server: one worker thread that serves queued requests in order.
 
 Each request is a :class:`Job`. The worker finds its context in the :class:`~headwise.serve.contexts.ContextCache`
-(a hit) or prefills and compresses it without the rest of the prompt, seals it and keeps it (a miss), then feeds
-the rest of the prompt to a deep copy and decodes. Text goes back through the job's ``emit`` callback as it is
-generated. A job whose client went away (``cancelled``) is skipped if it has not started and stopped at its next
+(a hit) or prefills and compresses it without the rest of the prompt, seals it and keeps it (a miss; a plan that
+needs the dense prefill, KVzip's, builds it from one and the context's reconstruction: :func:`headwise.dense.prefill`),
+then feeds the rest of the prompt to a deep copy and decodes. Text goes back through the job's ``emit`` callback as
+it is generated. A job whose client went away (``cancelled``) is skipped if it has not started and stopped at its next
 token if it has, so its place in the queue is freed. The queue holds at most ``max_queue`` waiting jobs; past
 that :meth:`Engine.submit` raises :class:`Busy` (HTTP 429) instead of growing.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 import headwise.attention
+from headwise import dense
 from headwise.api import make_plan
 from headwise.bench.runner import resolved_options
 from headwise.cache import HeadwiseCache
@@ -181,7 +183,7 @@ class Engine:
         if not prompt.context:
             cache = HeadwiseCache(self.lm.model.config, make_plan("full", select=self.compression.select))
             return cache, prefill(self.lm.model, torch.tensor([prompt.rest]), cache)
-        context = self._context(prompt.context)
+        context = self._context(prompt)
         cache = copy.deepcopy(context.cache)
         if not prompt.rest:
             return cache, context.logits[None]
@@ -191,7 +193,8 @@ class Engine:
         """What a context's cache depends on besides its tokens: the model and every resolved plan option."""
         return {"model": self.lm.name, "plan": resolved_options(plan)}
 
-    def _context(self, ids: list[int]) -> Context:
+    def _context(self, prompt: Prompt) -> Context:
+        ids = prompt.context
         plan = self.compression.plan(prompt_length=len(ids))
         key = context_key(self.identity(plan), ids)
         context = self.contexts.get(key)
@@ -199,8 +202,11 @@ class Engine:
             self.metrics.count(context_hits=1)
             return context
         self.metrics.count(context_misses=1)
-        cache = HeadwiseCache(self.lm.model.config, plan)
-        logits = prefill(self.lm.model, torch.tensor([ids]), cache)
+        if plan.needs_dense_prefill():  # KVzip, or budgets compared over every layer
+            cache, logits = dense.prefill(self.lm.model, ids, plan, prompt.repeat)
+        else:
+            cache = HeadwiseCache(self.lm.model.config, plan)
+            logits = prefill(self.lm.model, torch.tensor([ids]), cache)
         cache.seal()
         context = Context(key, cache, logits[0], len(ids))
         self.contexts.put(context)

@@ -20,16 +20,20 @@ from dataclasses import dataclass
 from headwise.errors import HeadwiseError
 from headwise.generation import build_prompt
 from headwise.models import LoadedModel
+from headwise.policies.kvzip import REPEAT
 
 SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids of a request: the context (empty when there is none) and the rest."""
+    """Token ids of a request: the context (empty when there is none) and the rest. ``repeat``, with a context:
+    what KVzip's reconstruction feeds after it (:func:`headwise.dense.reconstruct`): the request to repeat it, in
+    the prompt's format, and the context's text to copy."""
 
     context: list[int]
     rest: list[int]
+    repeat: tuple[list[int], list[int]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -55,7 +59,13 @@ def chat_prompt(lm: LoadedModel, messages: list[dict[str, str]], threshold: int)
     if start < 0:
         raise HeadwiseError(f"{lm.name}'s chat template altered the context message; cannot split the prompt")
     end = start + len(content)
-    return Prompt(_ids(lm, rendered[:end]), _ids(lm, rendered[end:]))
+    # the request to repeat it: a user turn after a system context, appended to a user context (as the benchmark
+    # asks its questions), so that the template's roles stay as they were
+    asking = ([messages[first], {"role": "user", "content": REPEAT}] if roles[first] == "system"
+              else [{"role": "user", "content": content + SEPARATOR + REPEAT}])
+    request = tok.apply_chat_template(asking, add_generation_prompt=True, tokenize=False)
+    request = request[request.find(content) + len(content):]
+    return Prompt(_ids(lm, rendered[:end]), _ids(lm, rendered[end:]), (_ids(lm, request), _ids(lm, content)))
 
 
 def completion_prompt(lm: LoadedModel, text: str, threshold: int) -> Prompt:
@@ -64,5 +74,6 @@ def completion_prompt(lm: LoadedModel, text: str, threshold: int) -> Prompt:
     if cut >= 0:
         context, rest = text[: cut + len(SEPARATOR)], text[cut + len(SEPARATOR):]
         if len(_ids(lm, context)) >= threshold:
-            return Prompt(build_prompt(lm, context, chat=False), _ids(lm, rest) if rest else [])
+            repeat = (_ids(lm, REPEAT + SEPARATOR), _ids(lm, context))
+            return Prompt(build_prompt(lm, context, chat=False), _ids(lm, rest) if rest else [], repeat)
     return Prompt([], build_prompt(lm, text, chat=False))
