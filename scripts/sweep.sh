@@ -5,6 +5,7 @@
 #
 #   scripts/sweep.sh headwise [LENGTH] [MODEL]  # headwise's policies (writes results/MODEL-LENGTH/; the head-aware
 #                                        # policy reads results/profiles/MODEL/profile.json, from `headwise profile`)
+#   scripts/sweep.sh kvzip [LENGTH] [MODEL]  # headwise's kvzip on the same task files (results/MODEL-LENGTH-kvzip/)
 #   scripts/sweep.sh kvpress [LENGTH]    # kvpress's presses on the same task files (results/kvpress-LENGTH.jsonl)
 #   scripts/sweep.sh pack [LENGTH]       # compress both stores for committing (results/**/*.jsonl.gz)
 #   scripts/sweep.sh snapshot [LENGTH]   # kvpress's finished tasks only, for the published tables
@@ -24,14 +25,14 @@
 # so four give 48. The gate's calibration seed gets 24 answers per task at both lengths.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: scripts/sweep.sh headwise|kvpress|pack|snapshot|gate [LENGTH] [MODEL]}
+what=${1:?usage: scripts/sweep.sh headwise|kvzip|kvpress|pack|snapshot|gate|... [LENGTH] [MODEL]}
 length=${2:-2048}
 model=${3:-smollm2-135m}
 out=results/$model-$length
 store=results/kvpress-$length.jsonl
 profile=results/profiles/$model/profile.json  # the head-aware policy's (`headwise profile --model $model`)
 export OMP_NUM_THREADS=1
-methods=streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,headwise,kvzip
+methods=streaming_llm,h2o,a2sf,snapkv,tova,knorm,random,headwise
 # Needle depths: at 4K none nearer the start than 0.5 (about 2K tokens before the question), and multikey's none
 # nearer than 0.7. SmolLM2-135M's full cache does not reach farther: one passkey needle alone at 4K scored 0.50 at
 # depth 0.1 and 0.58 at 0.25, and multikey at depths 0.5/0.7/0.9 0.67, its misses at 0.5 (calibration seed;
@@ -68,6 +69,9 @@ case $what in
     headwise)
         bench --methods "$methods" --ratios 0.5,0.75,0.9 --out "$out" \
             -o headwise:profile=$profile ;;
+    kvzip)  # the two-pass policy (a reconstruction of every context), in its own store on the same task files; the
+        # gate is the headwise sweep's (same tasks and seeds): one calibration context here
+        bench --methods kvzip --ratios 0.5,0.75,0.9 --calibration-samples 1 --out "results/$model-$length-kvzip" ;;
     kvpress)
         bench --out "$out" --tasks-only
         .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import unpack; unpack(Path('$store'))"
@@ -117,5 +121,5 @@ print(*notes, sep='\n')
 lines = ''.join(json.dumps(r, ensure_ascii=False, sort_keys=True) + '\n' for r in kept)
 write_atomic(Path('${store%.jsonl}-complete.jsonl.gz'), gzip.compress(lines.encode(), mtime=0))
 print(len(kept), 'parts of finished tasks ->', '${store%.jsonl}-complete.jsonl.gz')" ;;
-    *) echo "unknown sweep '$what': use headwise, kvpress, pack, snapshot, gate, sparse, sparse-dev, select, aware or precision" >&2; exit 2 ;;
+    *) echo "unknown sweep '$what': use headwise, kvzip, kvpress, pack, snapshot, gate, sparse, sparse-dev, select, aware or precision" >&2; exit 2 ;;
 esac
