@@ -167,7 +167,7 @@ def make_cache(
     if plan.needs_dense_prefill():
         raise HeadwiseError(f"policy '{policy}' with allocation '{plan.allocation}' needs a dense prefill (a "
                             "reconstruction of the context, or every layer's scores at once): build its cache with "
-                            "headwise.dense (capture, reconstruct, compress), as `headwise bench` does "
+                            "headwise.dense.prefill, as `headwise serve` does for a context and `headwise bench` "
                             "question-agnostic")
     model.set_attn_implementation(headwise.attention.NAME)
     return HeadwiseCache(model.config, plan)
