@@ -7,11 +7,11 @@ For each answer given (a question of the task file whose answers include it), th
 the policy's cache rebuilt from it (:func:`headwise.dense.compress`, KVzip's reconstruction included) several
 times: as it is; with the needle's paragraph (the blank-line-delimited paragraph holding the answer) given the
 highest score in every head; in every head of one layer at a time; and in one head at a time of the layers that
-alone bring the answer back. The budget stays the plan's: the needle's tokens displace others. Greedy answers (the
-question's ``max_new_tokens``) are scored as the benchmark scores them. Only a policy ranked by a reconstruction
-(``kvzip``) is diagnosed: its scores are what gets raised (to 1, the most attention a token can receive). The JSON
-lists, per answer, the plain and all-heads outputs and the layers and (layer, KV head) pairs that alone fix it. A
-diagnosis, not a method: no policy uses it.
+alone bring the answer back. The budget stays the plan's: the needle's tokens displace others. Greedy answers (up
+to the question's ``max_new_tokens``, ended by the model's end of turn) are scored as the benchmark scores them.
+Only a policy ranked by a reconstruction (``kvzip``) is diagnosed: its scores are what gets raised (to 1, the most
+attention a token can receive). The JSON lists, per answer, the plain and all-heads outputs and the layers and
+(layer, KV head) pairs that alone fix it. A diagnosis, not a method: no policy uses it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from headwise.bench.scoring import score
 from headwise.bench.tasks import Sample
 from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
-from headwise.generation import prefill
+from headwise.generation import prefill, stop_token_ids
 from headwise.models import load_model
 from headwise.report.html import write_atomic
 
@@ -53,6 +53,7 @@ def diagnose(lm, question: Sample, answer: str, policy: str, ratio: float) -> di
     captured = dense.capture(lm.model, torch.tensor([head]))
     rows = dense.reconstruct(lm.model, captured, *reconstruction_parts(lm, question))
     needle = needle_positions(lm.tokenizer, head, answer)
+    stops = stop_token_ids(lm)
 
     def reply(raised: list[tuple[int, int]]) -> tuple[str, float]:
         scores = tuple(None if r is None else r.clone() for r in rows)
@@ -62,7 +63,7 @@ def diagnose(lm, question: Sample, answer: str, policy: str, ratio: float) -> di
         cache.seal()
         logits = prefill(lm.model, torch.tensor([tail]), cache)
         ids = [int(logits.argmax())]
-        for _ in range(question.max_new_tokens - 1):
+        while len(ids) < question.max_new_tokens and ids[-1] not in stops:
             logits = prefill(lm.model, torch.tensor([[ids[-1]]]), cache)
             ids.append(int(logits.argmax()))
         text = lm.tokenizer.decode(ids, skip_special_tokens=True)
