@@ -284,6 +284,14 @@ def test_sweep_writes_one_part_per_cell_and_context_with_fidelity(tmp_path, lm, 
     assert set(calibration.gate(records)) == {("tiny-llama", t, 768) for t in TASKS}
 
 
+def test_a_sweep_runs_kvzip_from_the_shared_prefill(tmp_path, lm, samples):
+    records = run(lm, cells(methods=("kvzip",), calibration_seed=None), samples, tmp_path / "results.jsonl")
+    by = {(r["context_id"], r["method"]): r for r in records}
+    kvzip = [r for r in records if r["method"] == "kvzip"]
+    assert len(kvzip) == 2 * len(TASKS) and all(r["shared_prefill"] for r in kvzip)
+    assert all(r["kv_bytes"] < by[(r["context_id"], "full")]["kv_bytes"] for r in kvzip)
+
+
 def test_the_shared_prefill_gives_the_answers_of_the_direct_path(tmp_path, lm, samples):
     questions = runner.contexts(samples[("passkey", 768, 0)])[0]
     ctx = runner.Context(lm, questions)

@@ -309,7 +309,9 @@ def check_fit(lm: LoadedModel, cells: Iterable[Cell]) -> None:
         key = (cell.method, json.dumps(cell.options, sort_keys=True))
         if key not in built:
             built.add(key)
-            new_cache(lm, cell, None)
+            # the cache binds its plan to the model; built directly, since make_cache refuses the plans that
+            # only the shared dense prefill builds (kvzip's)
+            HeadwiseCache(lm.model.config, make_plan(**plan_arguments(cell.method, cell.ratio, cell.options)))
 
 
 @dataclass
