@@ -53,7 +53,8 @@ def chat_prompt(lm: LoadedModel, messages: list[dict[str, str]], threshold: int)
     roles = [m["role"] for m in messages]
     first = roles.index("system") if "system" in roles else roles.index("user") if "user" in roles else None
     content = messages[first]["content"] if first is not None else ""
-    if not content or len(_ids(lm, content)) < threshold:
+    copied = _ids(lm, content) if content else []
+    if not content or len(copied) < threshold:
         return Prompt([], _ids(lm, rendered))
     start = rendered.find(content)
     if start < 0:
@@ -65,7 +66,7 @@ def chat_prompt(lm: LoadedModel, messages: list[dict[str, str]], threshold: int)
               else [{"role": "user", "content": content + SEPARATOR + REPEAT}])
     request = tok.apply_chat_template(asking, add_generation_prompt=True, tokenize=False)
     request = request[request.find(content) + len(content):]
-    return Prompt(_ids(lm, rendered[:end]), _ids(lm, rendered[end:]), (_ids(lm, request), _ids(lm, content)))
+    return Prompt(_ids(lm, rendered[:end]), _ids(lm, rendered[end:]), (_ids(lm, request), copied))
 
 
 def completion_prompt(lm: LoadedModel, text: str, threshold: int) -> Prompt:
@@ -73,7 +74,8 @@ def completion_prompt(lm: LoadedModel, text: str, threshold: int) -> Prompt:
     cut = text.rfind(SEPARATOR)
     if cut >= 0:
         context, rest = text[: cut + len(SEPARATOR)], text[cut + len(SEPARATOR):]
-        if len(_ids(lm, context)) >= threshold:
-            repeat = (_ids(lm, REPEAT + SEPARATOR), _ids(lm, context))
+        copied = _ids(lm, context)
+        if len(copied) >= threshold:
+            repeat = (_ids(lm, REPEAT + SEPARATOR), copied)
             return Prompt(build_prompt(lm, context, chat=False), _ids(lm, rest) if rest else [], repeat)
     return Prompt([], build_prompt(lm, text, chat=False))
