@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python scripts/headaware_variants.py --profile results/profiles/smollm2-135m/profile.json \\
         --variant base --variant compensate:compensate=true --variant whole12:whole=12 \\
         [--tasks passkey,multikey,vartrack,qa] [--length 2048] [--contexts 6] [--seed 1] [--ratios 0.75,0.9] \\
-        [--store runs/headaware-dev/variants.jsonl] [--summary FILE.json]
+        [--store runs/headaware-dev/variants.jsonl] [--summary FILE.json] [--versus NAME]
 
 A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options of the ``headwise`` policy;
 ``--profile`` is added to every variant). ``--also POLICY[:KEY=VALUE,...]`` runs another policy beside them on
@@ -14,7 +14,8 @@ every variant's cache at every ratio is built from that prefill, as ``headwise b
 same protocol, parts and fidelity, run by :func:`headwise.bench.runner.sweep`). The store is resumable: rerun the
 same line to go on. The summary gives, per variant and ratio, the mean over the tasks' means with its 95%
 bootstrap interval (whole contexts resampled within each task), and the paired difference with the first variant
-on the same answers; ``--summary-only`` prints it again from a store (or its committed ``.gz`` copy) with no model.
+(or with ``--versus NAME``, a variant or an ``--also`` policy) on the same answers; ``--summary-only`` prints
+it again from a store (or its committed ``.gz`` copy) with no model.
 
 Choose on a dev seed (not the calibration seed 100, nor a reported seed), then report the chosen options with
 ``headwise bench`` on other seeds.
@@ -46,9 +47,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def summarise(records: list[dict], names: list[str]) -> list[dict]:
-    """Per variant and ratio: the mean of the task means with its interval, and the paired difference with the
-    first variant (over the answers both have)."""
+def summarise(records: list[dict], names: list[str], versus: str | None = None) -> list[dict]:
+    """Per variant and ratio: the mean of the task means with its interval, and the paired difference with
+    ``versus`` (default: the first variant), over the answers both have."""
+    versus = versus or names[0]
     scores: dict[tuple[str, float], dict[str, tuple[float, str, str]]] = defaultdict(dict)
     for r in records:
         for s in r["samples"]:
@@ -59,9 +61,9 @@ def summarise(records: list[dict], names: list[str]) -> list[dict]:
         row = {"variant": name, "ratio": ratio, "answers": len(ids),
                "score": bootstrap_mean([got[i][0] for i in ids], [got[i][1] for i in ids],
                                        [got[i][2] for i in ids])._asdict()}
-        base = scores.get((names[0], ratio), {})
+        base = scores.get((versus, ratio), {})
         both = [i for i in ids if i in base]
-        if name != names[0] and both:
+        if name != versus and both:
             diff = paired_difference([got[i][0] for i in both], [base[i][0] for i in both],
                                      [got[i][1] for i in both], [got[i][2] for i in both])
             row["vs_first"] = {**diff._asdict(), "answers": len(both), "excludes_zero": excludes_zero(diff)}
@@ -85,6 +87,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--store", default="runs/headaware-dev/variants.jsonl")
     parser.add_argument("--summary", default=None, help="also write the summary to this JSON file")
+    parser.add_argument("--versus", default=None, metavar="NAME",
+                        help="pair every other variant with this one (default: the first --variant)")
     parser.add_argument("--summary-only", action="store_true",
                         help="only print the summary of the store (or of its .gz copy), with no model and no run")
     args = parser.parse_args()
@@ -93,6 +97,8 @@ def main() -> None:
     names = [name for name, _ in variants] + [name for name, _, _ in others]
     if len(set(names)) != len(names):
         raise HeadwiseError(f"variant names repeat: {', '.join(names)}")
+    if args.versus is not None and args.versus not in names:
+        raise HeadwiseError(f"--versus {args.versus} is none of the variants: {', '.join(names)}")
     task_names = split_list(args.tasks, what="task")
     check_tasks(task_names)
     ratios = split_list(args.ratios, float, "ratio")
@@ -141,14 +147,15 @@ def report(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
     """Print the summary of ``records`` (and write it to ``--summary``): the full cache's mean, then the variants'."""
     names = [name for name, _ in variants]
     rows = summarise([{**r, "variant": "full"} for r in records if r["method"] == "full"], ["full"])
-    rows += summarise([r for r in records if r.get("variant") in names], names)
+    versus = args.versus or names[0]
+    rows += summarise([r for r in records if r.get("variant") in names], names, versus)
     for row in rows:
         s = row["score"]
         line = f"{row['variant']:>16} {row['ratio']:<5g} {s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]"
         line += f" ({row['answers']})"
         if "vs_first" in row:
             d = row["vs_first"]
-            line += f"  vs {names[0]}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+            line += f"  vs {versus}: {d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
             line += " *" if d["excludes_zero"] else ""
         print(line)
     if args.summary:

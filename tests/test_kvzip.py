@@ -166,3 +166,28 @@ def test_head_aware_scores_budgets_keep_retrieval_heads_whole_and_the_rest_by_on
     threshold = torch.cat(list(rest.values())).sort(descending=True).values[50 * 6 - 100 - 1]
     for k, s in rest.items():
         assert torch.equal(kept[k], torch.nonzero(s >= threshold).flatten()), k
+
+
+def test_head_aware_scores_budgets_with_retrieval_keep_give_retrieval_heads_a_floor_not_the_whole(tmp_path):
+    from test_headwise_policy import synthetic_profile
+
+    model = tiny_model("llama")  # 3 layers x 2 KV heads; (0, 0) is the one retrieval head
+    roles = [["retrieval", "local"], ["mixed", "local"], ["sink", "mixed"]]
+    path = synthetic_profile(model, tmp_path, roles, [[0.6, 0.0], [0.0, 0.0], [0.0, 0.05]])
+    context = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(8)).tolist()
+    dense = capture(model, torch.tensor([context]))
+    rows = reconstruct(model, dense, [9], context)
+    options = {"profile": path, "sinks": 2, "other": "kvzip", "budgets": "scores", "retrieval_keep": 0.3}
+    cache = compress(model, dense, make_plan("headwise", ratio=0.8, options={**options, "floor": 0}), rows)
+    heads = [(layer, h) for layer in range(3) for h in range(2)]
+    kept = {(layer, h): cache.compressed_layers[layer].heads[h].positions[0].long() for layer, h in heads}
+    assert sum(k.numel() for k in kept.values()) == 20 * 6
+    # naive reference: sinks and the retrieval head's top 30 tokens first, then one top-k over all the rest
+    scores = {k: rows[k[0]][0, k[1]].clone() for k in heads}
+    scores[0, 0][torch.topk(scores[0, 0], 30).indices] = float("inf")
+    for s in scores.values():
+        s[:2] = float("inf")
+    threshold = torch.cat(list(scores.values())).sort(descending=True).values[20 * 6 - 1]
+    for k, s in scores.items():
+        assert torch.equal(kept[k], torch.nonzero(s >= threshold).flatten()), k
+    assert 30 <= kept[0, 0].numel() < 100  # a floor, not the whole context

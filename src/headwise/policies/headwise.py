@@ -29,12 +29,15 @@ With ``budgets="scores"`` (and the plan's ``allocation=global``, then its defaul
 prefill) the retrieval heads keep everything and every other head, whatever its role, ranks its tokens by
 ``other``; what the retrieval heads leave goes to the highest of those scores over all heads of all layers at once
 (KVzip's budgets, Kim et al. 2025, with ``other=kvzip``). If the budget cannot hold the retrieval heads whole,
-which of their tokens go is arbitrary.
+which of their tokens go is arbitrary. With ``retrieval_keep=f`` below 1 a retrieval head instead keeps at least
+its top share ``f`` of the context by ``other`` and competes for more in the same top-k: a floor for the heads
+that read far, rather than their whole context.
 
 ``whole=N`` serves N more heads as retrieval heads, those that send the most attention beyond the profile's
 largest measured window first: DuoAttention keeps a quarter to a half of a GQA model's heads whole, while the
 profile's retrieval threshold picks a few. ``retrieval_keep=f`` caps what a retrieval head takes in step 2 at
-the share ``f`` of the context (its tokens then ranked by ``other``), so a tight budget reaches the other heads.
+the share ``f`` of the context (its tokens then ranked by ``other``), so a tight budget reaches the other heads;
+with ``budgets="scores"`` that share is the head's floor (see above).
 
 RazorAttention's compensation token for the shrunk heads is the plan option ``compensate=true`` (it applies
 to any policy).
@@ -232,6 +235,39 @@ WHOLE = Whole()
 
 
 @dataclass
+class Floored(Policy):
+    """``inner``'s scores, with the head's top ``share`` of its tokens (rounded up) raised to +inf: under a global
+    allocation, the head keeps at least that share and competes for more by ``inner``'s scores."""
+
+    name: ClassVar[str] = "floored"
+    inner: Policy | None = None
+    share: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner is None:
+            raise HeadwiseError("floored: needs the policy whose scores it raises")
+        self.sinks, self.window = self.inner.sinks, self.inner.window
+
+    def queries_needed(self) -> int | None:
+        return self.inner.queries_needed()
+
+    def reconstructs(self) -> bool:
+        return self.inner.reconstructs()
+
+    def recent(self, budget: int) -> int:
+        return self.inner.recent(budget)
+
+    def accumulate(self, state: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return self.inner.accumulate(state, attn)
+
+    def score(self, keys, values, state, positions):
+        scores = self.inner.score(keys, values, state, positions).float()
+        top = torch.topk(scores, math.ceil(self.share * scores.shape[-1]), dim=-1).indices
+        return scores.scatter(-1, top, float("inf"))
+
+
+@dataclass
 class HeadAware(Policy):
     """Role-based budgets per KV head from a head profile (see the module docstring).
 
@@ -257,7 +293,8 @@ class HeadAware(Policy):
         agreement, BENCHMARKS.md).
     retrieval_keep : float
         The share of the context a retrieval head keeps before the other heads get any budget, in (0, 1]: with
-        less than 1, its tokens are ranked by ``other`` and the rest of the budget goes to the other heads.
+        less than 1, its tokens are ranked by ``other`` and the rest of the budget goes to the other heads (with
+        ``budgets="scores"``, the share is a floor: the head may win more in the global top-k).
     whole : int
         More KV heads served as retrieval heads (grown to the whole context while the budget allows), those
         with the most attention mass beyond the profile's largest window first (needs its locality metrics).
@@ -283,8 +320,6 @@ class HeadAware(Policy):
             raise HeadwiseError(f"headwise: other must be a compressing policy, not '{self.other}'")
         if self.budgets not in ("roles", "coverage", "scores"):
             raise HeadwiseError(f"headwise: budgets must be 'roles', 'coverage' or 'scores', not '{self.budgets}'")
-        if self.budgets == "scores" and self.retrieval_keep != 1:
-            raise HeadwiseError("headwise: budgets=scores keeps retrieval heads whole: it takes no retrieval_keep")
         self._profile = HeadProfile.load(self.profile)
         self._other = make_policy(self.other, {"sinks": self.sinks})
         self._streaming = StreamingLLM(sinks=self.sinks)
@@ -328,7 +363,11 @@ class HeadAware(Policy):
     def for_head(self, layer_idx: int, head: int) -> Policy:
         kind = self._kinds[layer_idx, head]
         if self.budgets == "scores":
-            ranking = WHOLE if kind == "retrieval" else self._other
+            if kind != "retrieval":
+                return self._other.for_head(layer_idx, head)
+            if self.retrieval_keep == 1:
+                return WHOLE
+            return Floored(inner=self._other.for_head(layer_idx, head), share=self.retrieval_keep)
         else:
             ranking = self._streaming if kind == "streaming" else self._other
         return ranking.for_head(layer_idx, head)
