@@ -191,16 +191,3 @@ def test_head_aware_scores_budgets_with_retrieval_keep_give_retrieval_heads_a_fl
     for k, s in scores.items():
         assert torch.equal(kept[k], torch.nonzero(s >= threshold).flatten()), k
     assert 30 <= kept[0, 0].numel() < 100  # a floor, not the whole context
-
-
-@pytest.mark.parametrize("kernel", [1, 3, 5])
-def test_kvzip_kernel_scores_each_token_by_the_most_of_its_neighbourhood(kernel):
-    from headwise.policies import make_policy
-
-    state = torch.rand(2, 3, 11, generator=torch.Generator().manual_seed(kernel))
-    got = make_policy("kvzip", {"kernel": kernel}).score(None, None, state, torch.arange(11).expand(2, 3, 11))
-    r = kernel // 2
-    for i in range(11):
-        assert torch.equal(got[..., i], state[..., max(0, i - r) : i + r + 1].amax(dim=-1))
-    with pytest.raises(HeadwiseError, match="kernel"):
-        make_policy("kvzip", {"kernel": 2})

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from headwise.policies.base import Policy
 
@@ -81,22 +80,9 @@ class KVzip(Policy):
     split by one top-k over every head of every layer (the plan's ``allocation=global``, set by default; its
     ``floor`` option keeps a share in every head; 0 by default here, the better of 0 and the plan's 0.2 on the
     dev seed). With a uniform budget per head it lost digits of the passkeys (BENCHMARKS.md, issue 14).
-
-    Parameters
-    ----------
-    kernel : int
-        Odd max-pooling kernel over each head's scores (1: none): a token scores at least as much as its
-        ``kernel // 2`` neighbours on either side, so a kept token brings its neighbours (an answer's next digit,
-        say). Unlike SnapKV's average pooling, a maximum never lowers a token's own score.
     """
 
     name: ClassVar[str] = "kvzip"
-    kernel: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"kvzip: kernel must be a positive odd number, got {self.kernel}")
 
     def reconstructs(self) -> bool:
         return True
@@ -113,8 +99,4 @@ class KVzip(Policy):
     def score(
         self, keys: torch.Tensor, values: torch.Tensor, state: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        if self.kernel == 1:
-            return state
-        b, h, n = state.shape
-        pooled = F.max_pool1d(state.reshape(b * h, 1, n), self.kernel, stride=1, padding=self.kernel // 2)
-        return pooled.reshape(b, h, n)
+        return state
