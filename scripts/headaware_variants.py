@@ -8,14 +8,14 @@ Usage::
         [--store runs/headaware-dev/variants.jsonl] [--summary FILE.json] [--versus NAME]
 
 A variant is ``NAME`` (the policy's defaults) or ``NAME:KEY=VALUE,...`` (options of the ``headwise`` policy;
-``--profile`` is added to every variant). ``--also POLICY[:KEY=VALUE,...]`` runs another policy beside them on
-the same answers (named as given; KVzip, say, as a yardstick). Each context is prefilled once, densely, and
-every variant's cache at every ratio is built from that prefill, as ``headwise bench`` does for its methods (the
-same protocol, parts and fidelity, run by :func:`headwise.bench.runner.sweep`). The store is resumable: rerun the
-same line to go on. The summary gives, per variant and ratio, the mean over the tasks' means with its 95%
-bootstrap interval (whole contexts resampled within each task), and the paired difference with the first variant
-(or with ``--versus NAME``, a variant or an ``--also`` policy) on the same answers; ``--summary-only`` prints
-it again from a store (or its committed ``.gz`` copy) with no model.
+``--profile`` is every variant's, unless it gives its own ``profile=FILE``). ``--also POLICY[:KEY=VALUE,...]`` runs
+another policy beside them on the same answers (named as given; KVzip, say, as a yardstick). Each context is
+prefilled once, densely, and every variant's cache at every ratio is built from that prefill, as ``headwise bench``
+does for its methods (the same protocol, parts and fidelity, run by :func:`headwise.bench.runner.sweep`). The store
+is resumable: rerun the same line to go on. The summary gives, per variant and ratio, the mean over the tasks' means
+with its 95% bootstrap interval (whole contexts resampled within each task), and the paired difference with the
+first variant (or with ``--versus NAME``, a variant or an ``--also`` policy) on the same answers; ``--summary-only``
+prints it again from a store (or its committed ``.gz`` copy) with no model.
 
 Choose on a dev seed (not the calibration seed 100, nor a reported seed), then report the chosen options with
 ``headwise bench`` on other seeds.
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
         raise HeadwiseError(f"no profile at {args.profile}: give --profile FILE (from `headwise profile`)")
     set_threads(args.threads)
     cells: dict[str, tuple[str | None, runner.Cell]] = {}  # key -> (variant, cell); the full cache's variant: None
-    runs = [(name, "headwise", {**options, "profile": args.profile}) for name, options in variants]
+    runs = [(name, "headwise", {"profile": args.profile, **options}) for name, options in variants]
     for name, policy, options in runs + others:
         for cell in runner.plan_cells(args.model, [policy], ratios, task_names, [args.length],
                                       n_samples=args.contexts, seed=args.seed, calibration_seed=None,
