@@ -222,22 +222,10 @@ def coverage_budgets(curves: list[list[tuple[int, float]]], n: int, total: int) 
 
 
 @dataclass
-class Whole(Policy):
-    """Every token scores +inf: how a retrieval head keeps its whole context under a global allocation."""
-
-    name: ClassVar[str] = "whole"
-
-    def score(self, keys, values, state, positions):
-        return torch.full(positions.shape, float("inf"), device=positions.device)
-
-
-WHOLE = Whole()
-
-
-@dataclass
 class Floored(Policy):
     """``inner``'s scores, with the head's top ``share`` of its tokens (rounded up) raised to +inf: under a global
-    allocation, the head keeps at least that share and competes for more by ``inner``'s scores."""
+    allocation, the head keeps at least that share and competes for more by ``inner``'s scores (with share 1,
+    every token: how a retrieval head keeps its whole context)."""
 
     name: ClassVar[str] = "floored"
     inner: Policy | None = None
@@ -362,15 +350,11 @@ class HeadAware(Policy):
 
     def for_head(self, layer_idx: int, head: int) -> Policy:
         kind = self._kinds[layer_idx, head]
-        if self.budgets == "scores":
-            if kind != "retrieval":
-                return self._other.for_head(layer_idx, head)
-            if self.retrieval_keep == 1:
-                return WHOLE
-            return Floored(inner=self._other.for_head(layer_idx, head), share=self.retrieval_keep)
-        else:
+        if self.budgets != "scores":
             ranking = self._streaming if kind == "streaming" else self._other
-        return ranking.for_head(layer_idx, head)
+            return ranking.for_head(layer_idx, head)
+        ranking = self._other.for_head(layer_idx, head)
+        return Floored(inner=ranking, share=self.retrieval_keep) if kind == "retrieval" else ranking
 
     def reconstructs(self) -> bool:
         return self._other.reconstructs()
