@@ -47,10 +47,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, options
 
 
-def summarise(records: list[dict], names: list[str], versus: str | None = None) -> list[dict]:
+def summarise(records: list[dict], names: list[str], versus: str) -> list[dict]:
     """Per variant and ratio: the mean of the task means with its interval, and the paired difference with
-    ``versus`` (default: the first variant), over the answers both have."""
-    versus = versus or names[0]
+    ``versus`` (one of ``names``), over the answers both have."""
     scores: dict[tuple[str, float], dict[str, tuple[float, str, str]]] = defaultdict(dict)
     for r in records:
         for s in r["samples"]:
@@ -146,8 +145,8 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
 def report(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]], records: list[dict]) -> None:
     """Print the summary of ``records`` (and write it to ``--summary``): the full cache's mean, then the variants'."""
     names = [name for name, _ in variants]
-    rows = summarise([{**r, "variant": "full"} for r in records if r["method"] == "full"], ["full"])
     versus = args.versus or names[0]
+    rows = summarise([{**r, "variant": "full"} for r in records if r["method"] == "full"], ["full"], "full")
     rows += summarise([r for r in records if r.get("variant") in names], names, versus)
     for row in rows:
         s = row["score"]
