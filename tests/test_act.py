@@ -82,10 +82,12 @@ THRESHOLD = 0.03  # the tiny random model attends almost uniformly: a low thresh
 
 
 def act_profile(tmp_path, roles=ROLES) -> str:
-    """A profile of the tiny Llama (3 layers, 4 query heads over 2 KV heads) with these roles per query head."""
-    profile = HeadProfile(model="tiny", num_layers=3, num_heads=4, num_kv_heads=2, layer_types=["full_attention"] * 3,
-                          settings={}, thresholds={}, metrics={}, kv_metrics={}, roles=roles,
-                          kv_roles=[["mixed", "mixed"]] * 3)
+    """A profile of a tiny Llama (a layer per row of ``roles``, 4 query heads over 2 KV heads) with these roles per
+    query head."""
+    layers = len(roles)
+    profile = HeadProfile(model="tiny", num_layers=layers, num_heads=4, num_kv_heads=2,
+                          layer_types=["full_attention"] * layers, settings={}, thresholds={}, metrics={},
+                          kv_metrics={}, roles=roles, kv_roles=[["mixed", "mixed"]] * layers)
     path = tmp_path / "profile.json"
     profile.save(path)
     return str(path)
@@ -286,3 +288,54 @@ def test_a_saved_cache_keeps_its_sinks(tmp_path, prompt):
     for a, b in zip(loaded.compressed_layers, cache.compressed_layers, strict=True):
         assert torch.equal(a.sinks, b.sinks)
     torch.testing.assert_close(forward(model, loaded, step).logits, forward(model, cache, step).logits)
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_runs_every_method_again_with_act_on_its_own_prefill(tmp_path):
+    from bench_helpers import count_words, tiny_lm
+    from headwise.bench import runner, tasks
+    from headwise.report.bench_report import harmonize
+
+    lm = tiny_lm()  # 2 layers, 4 query heads over 2 KV heads
+    path = act_profile(tmp_path, ROLES[:2])
+    spec = f"{path}:threshold={THRESHOLD}"
+    planned = runner.plan_cells("tiny-llama", ["snapkv"], [0.5], ["passkey"], [512], n_samples=1, seed=0,
+                                calibration_seed=None, act=[spec])
+    assert [(c.method, c.options) for c in planned] == [("full", {}), ("snapkv", {}), ("full", {"act": spec}),
+                                                        ("snapkv", {"act": spec})]
+    assert [c.shares_prefill for c in planned] == [True, True, False, False]
+    assert planned[2].resolved["act"] == {"calibration": parse_calibration(spec).describe(),
+                                          "sha256": runner._file_digest(path)}
+    samples = {("passkey", 512, 0): tasks.generate("passkey", 512, 1, 0, count_words, tokenizer_name="words")}
+    records = runner.sweep(lm, planned, lambda t, n, seed: samples[(t, n, seed)], tmp_path / "r.jsonl",
+                           progress=False)
+    assert [r["shared_prefill"] for r in records] == [True, True, False, False]
+    assert [harmonize(r)["method"] for r in records] == ["full", "snapkv", f"full act={spec}", f"snapkv act={spec}"]
+    reference = {row["id"]: row["nll"] for row in records[0]["samples"]}
+    assert all(row["nll_full"] == reference[row["id"]] for r in records[2:] for row in r["samples"])
+    changed = HeadProfile.load(path)
+    changed.settings = {"edited": True}
+    changed.save(path)  # the same heads, another file: another key
+    again = runner.plan_cells("tiny-llama", ["snapkv"], [0.5], ["passkey"], [512], n_samples=1, seed=0,
+                              calibration_seed=None, act=[spec])
+    assert again[2].key() != planned[2].key() and again[0].key() == planned[0].key()
+
+
+def test_bench_refuses_act_with_kvzip_before_loading(tmp_path, capsys, monkeypatch):
+    import headwise.models
+    from headwise.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # found by name, never loaded
+    monkeypatch.setattr(headwise.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["bench", "--model", str(model), "--out", str(tmp_path / "out"), "--act", act_profile(tmp_path)]
+    assert main([*argv, "--methods", "kvzip"]) == 2
+    err = capsys.readouterr().err
+    assert "dense prefill" in err and "kvzip" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--methods", "quest"]) == 2
+    assert "decode-time selection" in capsys.readouterr().err
+    assert main(["generate", "--act", act_profile(tmp_path), "--sparse", "ashape", "hi"]) == 2
+    assert "takes no sparse prefill" in capsys.readouterr().err
