@@ -242,11 +242,11 @@ def test_act_with_eviction_decodes_with_the_sinks_found_in_the_prompt(tmp_path, 
                                           strict=True):
         assert torch.equal(layer.sinks[..., :64], found) and torch.equal(prompt_sinks, found)  # no decode stats
         group = 4 // len(layer.heads)
-        for h, members in layer._calibrating(group).items():
+        for h, members in layer.calibrating(group).items():
             stats = [c for _, c in members]
             positions = layer.heads[h].positions[0].long()
             expected = found[0, stats][:, positions.clamp(max=63)] & (positions < 64)
-            held = layer._held_sinks(layer.heads[h], stats)
+            held = layer.held_sinks(layer.heads[h], stats)
             assert held is not None and torch.equal(held[0], expected)
     plain = headwise_logits(model, make_cache(model, "snapkv", ratio=0.5, options={"window": 8}), ids, step)
     assert (logits - plain[1]).abs().max() > 1e-3

@@ -25,6 +25,10 @@ When compression happens
 * in ``mode="decode"`` also after every decoding step, keeping the layer at its budget (a token budget
   stays fixed; a ratio keeps that fraction of all tokens seen so far).
 
+With a plan's ``act`` (:mod:`headwise.act`), the KV heads whose query group holds a calibrated head attend with
+explicit weights, recalibrated where the prompt's attention found hidden sinks (:meth:`CompressedLayer.attend`);
+the statistics are kept per position, so they survive eviction and chunked prefill.
+
 Sliding-window layers (Gemma 3) keep the layer transformers' own ``DynamicCache`` builds for them (a
 ``DynamicSlidingWindowLayer``): they already hold at most one window, and headwise compresses only the
 global-attention layers.
@@ -619,7 +623,7 @@ class CompressedLayer(CacheLayerMixin):
         """
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
-        calibrating = self._calibrating(group)
+        calibrating = self.calibrating(group)
         counting = bool(calibrating) and q > 1 and not self.sealed  # a prompt's forward: its rows count for act
         if counting:
             self._grow_sink_stats(query.shape[0])
@@ -690,7 +694,7 @@ class CompressedLayer(CacheLayerMixin):
 
     # act: attention-sink calibration ----------------------------------------------------------------------
 
-    def _calibrating(self, group: int) -> dict[int, list[tuple[int, int]]]:
+    def calibrating(self, group: int) -> dict[int, list[tuple[int, int]]]:
         """The KV heads whose query group (``group`` query heads each) holds a calibrated head, each with its
         calibrated heads as (index in the group, index in the statistics)."""
         members: dict[int, list[tuple[int, int]]] = {}
@@ -708,7 +712,7 @@ class CompressedLayer(CacheLayerMixin):
             self.sink_stats = tuple(F.pad(t, (0, more)) for t in self.sink_stats)
             self.sinks = F.pad(self.sinks, (0, more))
 
-    def _held_sinks(self, head: _Head, stats: list[int]) -> torch.Tensor | None:
+    def held_sinks(self, head: _Head, stats: list[int]) -> torch.Tensor | None:
         """Which tokens ``head`` holds are sinks for the calibrated heads ``stats`` (indices in the statistics):
         [B, len(stats), n] bool, gathered at the tokens' positions; a position with no statistics is no sink. None
         when there are no sinks at all."""
@@ -722,14 +726,15 @@ class CompressedLayer(CacheLayerMixin):
     def _calibrated_attention(self, h: int, q_h: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                               members: list[tuple[int, int]], count: bool) -> torch.Tensor:
         """Attention [B, G, q, d] of KV head ``h``'s query group ``q_h`` [B, G, q, d] with ACT on its ``members``
-        (:meth:`_calibrating`), a block of queries at a time (never the whole [q, n] matrix), weights in float32.
+        (:meth:`calibrating`), a block of queries at a time (never the whole [q, n] matrix), weights in float32.
 
         With ``count`` (a prompt's multi-token forward while the head holds every token it has seen, so a column
         is a position) it takes two passes: the first adds the members' weights to the attention received per
         position and the rows that could see it to the viewers, then finds the sinks
         (:func:`headwise.act.hidden_sinks`); the second recomputes the weights and recalibrates the members' rows.
         Otherwise (decoding steps, a question after the context was sealed, forwards after eviction) one pass
-        recalibrates with the sinks found so far, at the positions the head holds. The policy observes the
+        recalibrates with the sinks found so far, at the positions the head holds. In a chunked prefill each chunk's
+        rows are thus calibrated with the sinks found up to it, its own rows included. The policy observes the
         uncalibrated attention it would observe without act (:meth:`_feed_policy`).
         """
         assert self.plan.act is not None
@@ -739,16 +744,8 @@ class CompressedLayer(CacheLayerMixin):
         keys, values = head.keys[:, None].float().transpose(-1, -2), head.values[:, None]
         blocks = [slice(start, min(q, start + QUERY_BLOCK)) for start in range(0, q, QUERY_BLOCK)]
         if count:
-            assert self.sink_stats is not None and self.sinks is not None
-            received, viewers = self.sink_stats
-            n = keys.shape[-1]
-            for rows in blocks:
-                allowed = self._allowed(head, attention_mask, q, rows)
-                probs = _probabilities(q_h[:, local, rows], keys, allowed, scaling)
-                received[:, stats, :n] += probs.sum(dim=2)
-                viewers[:, stats, :n] += allowed.sum(dim=2).float() if allowed is not None else rows.stop - rows.start
-            self.sinks[:, stats] = hidden_sinks(received[:, stats], viewers[:, stats], self.plan.act.threshold)
-        sinks = self._held_sinks(head, stats)
+            self._count_sinks(head, q_h[:, local], keys, attention_mask, scaling, stats, blocks)
+        sinks = self.held_sinks(head, stats)
         output = q_h.new_empty(q_h.shape)
         for rows in blocks:
             probs = _probabilities(q_h[:, :, rows], keys, self._allowed(head, attention_mask, q, rows), scaling)
@@ -756,6 +753,21 @@ class CompressedLayer(CacheLayerMixin):
                 probs[:, local] = recalibrate(probs[:, local], sinks[:, :, None, :], self.plan.act.beta)
             output[:, :, rows] = torch.matmul(probs.to(values.dtype), values)
         return output
+
+    @torch.no_grad()  # statistics that outlive the forward, not a function to differentiate
+    def _count_sinks(self, head: _Head, q_c: torch.Tensor, keys_t: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float, stats: list[int], blocks: list[slice]) -> None:
+        """Pass 1 of :meth:`_calibrated_attention`: add the weights of the calibrated queries ``q_c`` [B, C, q, d]
+        over ``head``'s keys (transposed, float32: ``keys_t`` [B, 1, d, n]) to their statistics ``stats``, block by
+        block of query rows, then find their sinks. The head holds every token it has seen: column j is position j."""
+        assert self.plan.act is not None and self.sink_stats is not None and self.sinks is not None
+        received, viewers = self.sink_stats
+        q, n = q_c.shape[2], keys_t.shape[-1]
+        for rows in blocks:
+            allowed = self._allowed(head, attention_mask, q, rows)
+            received[:, stats, :n] += _probabilities(q_c[:, :, rows], keys_t, allowed, scaling).sum(dim=2)
+            viewers[:, stats, :n] += allowed.sum(dim=2).float() if allowed is not None else rows.stop - rows.start
+        self.sinks[:, stats] = hidden_sinks(received[:, stats], viewers[:, stats], self.plan.act.threshold)
 
     def _only_causal(self, attention_mask: torch.Tensor | None, q: int) -> bool:
         """Whether the mask of this forward's ``q`` queries is plain causal over the ``seen`` tokens (no padding),
@@ -802,7 +814,8 @@ class CompressedLayer(CacheLayerMixin):
                      reconstruction: torch.Tensor | None = None) -> None:
         """After a forward's attention: give each head's policy the attention rows it needs (a reconstructing
         policy gets its row of ``reconstruction`` [B, H, n]), then compress (only while compressing: see
-        :meth:`_compressing`)."""
+        :meth:`_compressing`). The rows are computed here afresh, so with the plan's ``act`` a policy observes the
+        uncalibrated attention, as it would without calibration."""
         _, hq, q, _ = query.shape
         if not self._compressing(q):
             return
