@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 import headwise.attention  # registers the "headwise" attention function
+from headwise.act import SinkCalibration, parse_calibration
 from headwise.budgets import check_prompt
 from headwise.cache import HeadwiseCache, Plan
 from headwise.errors import HeadwiseError
@@ -79,6 +80,7 @@ def make_plan(
     options: list[str] | dict[str, Any] | None = None,
     select: str | Selector | None = None,
     sparse: str | Pattern | None = None,
+    act: str | SinkCalibration | None = None,
 ) -> Plan:
     """Validate everything and build a :class:`~headwise.cache.Plan` (no model needed).
 
@@ -87,6 +89,9 @@ def make_plan(
     (``"quest:budget=256"``), or as the option ``select``; it combines with any policy, ``full`` included.
     ``sparse`` adds a sparse prefill pattern (:mod:`headwise.sparse`), as a pattern or in ``--sparse``'s form
     (``"ashape:local_blocks=4"``); it too combines with any policy.
+    ``act`` adds attention-sink calibration (:mod:`headwise.act`), as a :class:`~headwise.act.SinkCalibration` or in
+    ``--act``'s form (``"profile.json:beta=0.4"``); it combines with any policy that prefills without a dense
+    prefill, but not with ``sparse``, ``select`` or ``compensate`` (:class:`~headwise.cache.Plan`).
     A policy that does not compress (``full``) takes no ratio above 0, no budget and no options. A policy that needs
     one allocation (:meth:`~headwise.policies.base.Policy.allocation`: ``kvzip``'s global one) gets it by default,
     and a policy's preferred plan options (:meth:`~headwise.policies.base.Policy.plan_defaults`) apply unless given.
@@ -117,7 +122,9 @@ def make_plan(
         plan_opts.setdefault(key, value)
     selector = parse_selector(select) if isinstance(select, str) else select
     pattern = parse_pattern(sparse) if isinstance(sparse, str) else sparse
-    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, **plan_opts)
+    calibration = parse_calibration(act) if isinstance(act, str) else act
+    plan = Plan(policy=pol, ratio=ratio, budget=budget, mode=mode, select=selector, sparse=pattern, act=calibration,
+                **plan_opts)
     for key, needs, applies in (("slope", "schedule=pyramid", plan.schedule == "pyramid"),
                                 ("floor", "allocation=adaptive or global", plan.allocation in ("adaptive", "global"))):
         if key in given and not applies:
@@ -138,6 +145,7 @@ def make_cache(
     options: list[str] | dict[str, Any] | None = None,
     select: str | Selector | None = None,
     sparse: str | Pattern | None = None,
+    act: str | SinkCalibration | None = None,
 ) -> HeadwiseCache:
     """A compressed cache for ``model`` and select the ``"headwise"`` attention on it.
 
@@ -161,9 +169,11 @@ def make_cache(
         A decode-time selection rule, e.g. ``"quest:budget=256"`` (see :func:`make_plan`).
     sparse : str or Pattern, optional
         A sparse prefill pattern, e.g. ``"ashape:local_blocks=4"`` (see :func:`make_plan`).
+    act : str or SinkCalibration, optional
+        Attention-sink calibration of a profile's sink heads, e.g. ``"profile.json:beta=0.4"`` (see :func:`make_plan`).
     """
     plan = make_plan(policy, ratio=ratio, budget=budget, mode=mode, prompt_length=prompt_length, options=options,
-                     select=select, sparse=sparse)
+                     select=select, sparse=sparse, act=act)
     if plan.needs_dense_prefill():
         raise HeadwiseError(f"policy '{policy}' with allocation '{plan.allocation}' needs a dense prefill (a "
                             "reconstruction of the context, or every layer's scores at once): build its cache with "

@@ -25,6 +25,10 @@ When compression happens
 * in ``mode="decode"`` also after every decoding step, keeping the layer at its budget (a token budget
   stays fixed; a ratio keeps that fraction of all tokens seen so far).
 
+With a plan's ``act`` (:mod:`headwise.act`), the KV heads whose query group holds a calibrated head attend with
+explicit weights, recalibrated where the prompt's attention found hidden sinks (:meth:`CompressedLayer.attend`);
+the statistics are kept per position, so they survive eviction and chunked prefill.
+
 Sliding-window layers (Gemma 3) keep the layer transformers' own ``DynamicCache`` builds for them (a
 ``DynamicSlidingWindowLayer``): they already hold at most one window, and headwise compresses only the
 global-attention layers.
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Cache, CacheLayerMixin, DynamicCache
 
+from headwise.act import SinkCalibration, hidden_sinks, recalibrate
 from headwise.budgets import (
     ALLOCATIONS,
     adaptive_counts,
@@ -108,6 +113,12 @@ class Plan:
         computes, per head, only the key blocks its pattern selects, while the head still holds every token
         (before any eviction). A policy that scores with attention computes the rows it observes densely (SnapKV's
         window over every key), whatever the pattern skipped.
+    act : SinkCalibration, optional
+        Attention-sink calibration (ACT, :mod:`headwise.act`) of the query heads a profile labels ``sink``: their
+        attention to hidden sinks, found from the prompt's attention, is scaled down and given to the other keys
+        (:meth:`CompressedLayer.attend`). It changes attention, not memory. It takes no ``sparse``, ``select`` or
+        ``compensate``, and no plan that needs a dense prefill (:meth:`needs_dense_prefill`): each of them would
+        attend by another path than the calibrated one.
     """
 
     policy: Policy
@@ -123,6 +134,7 @@ class Plan:
     chunk: int = 1
     select: Selector | None = None
     sparse: Pattern | SparsePlan | None = None
+    act: SinkCalibration | None = None
 
     def __post_init__(self) -> None:
         if self.policy.compresses and (self.ratio is None) == (self.budget is None):
@@ -153,6 +165,19 @@ class Plan:
                                 "it takes no schedule or allocation option")
         if needs not in (None, "own") and self.allocation != needs:
             raise HeadwiseError(f"policy '{self.policy.name}' with these options needs allocation={needs}")
+        if self.act is not None:
+            self._check_act()
+
+    def _check_act(self) -> None:
+        """Refuse what would attend by another path than the calibrated one (see ``act`` in the class docstring)."""
+        others = [name for name, given in (("sparse prefill", self.sparse), ("decode-time selection", self.select),
+                                           ("compensate", self.compensate)) if given]
+        if others:
+            raise HeadwiseError(f"act (attention-sink calibration) takes no {' or '.join(others)}: drop one of them")
+        if self.needs_dense_prefill():
+            raise HeadwiseError(f"act (attention-sink calibration) cannot calibrate policy '{self.policy.name}' with "
+                                f"allocation '{self.allocation}': its cache is built from a dense prefill, which "
+                                "attends without calibration")
 
     def needs_dense_prefill(self) -> bool:
         """Whether a cache for this plan can only be built from a dense prefill (:func:`headwise.dense.compress`):
@@ -172,6 +197,7 @@ class Plan:
         amount = f"ratio {self.ratio}" if self.ratio is not None else f"budget {self.budget}"
         reads = f", reads {self.select.name} {self.select.budget or self.select.fraction}" if self.select else ""
         reads += f", sparse prefill {self.sparse.describe()}" if self.sparse else ""
+        reads += f", {self.act.describe()}" if self.act else ""
         if not self.policy.compresses:
             return self.policy.name + reads
         return f"{self.policy.name}, {amount}, {self.mode} mode, {self.schedule}/{self.allocation}{reads}"
@@ -329,6 +355,16 @@ class _Head:
             self.evicted = self.evicted[index]
 
 
+def _probabilities(query: torch.Tensor, keys_t: torch.Tensor, allowed: torch.Tensor | None,
+                   scaling: float) -> torch.Tensor:
+    """Attention weights (float32) of ``query`` [B, G, r, d] over transposed keys ``keys_t`` [B, 1, d, n] (float32),
+    with the bool mask ``allowed`` (None: every key); a row that may see no key is all zeros."""
+    logits = torch.matmul(query.float(), keys_t) * scaling
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    return logits.softmax(dim=-1).nan_to_num(0.0)
+
+
 class CompressedLayer(CacheLayerMixin):
     """One global-attention layer of a :class:`HeadwiseCache` (see the module docstring)."""
 
@@ -357,6 +393,11 @@ class CompressedLayer(CacheLayerMixin):
         self.shared: dict[str, torch.Tensor] = {}  # decoding room all heads share (see _share_room)
         # global allocation: (scores per head, layer budget, valid) until HeadwiseCache.allocate compresses
         self.pending: tuple[list[torch.Tensor], int, list[torch.Tensor | None]] | None = None
+        # act (see attend): the query heads it calibrates here, and per calibrated head and position, the attention
+        # received and the rows that could see it ([B, len(calibrated), positions] float32 each), and the sinks found
+        self.calibrated = plan.act.heads(layer_idx) if plan.act is not None else []
+        self.sink_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sinks: torch.Tensor | None = None
 
     # transformers cache-layer API -------------------------------------------------------------------------
 
@@ -508,14 +549,19 @@ class CompressedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.heads = []
         self.shared = {}
+        self.sink_stats, self.sinks = None, None
         self.seen = 0
         self.is_initialized = False
         self.prompt_checked = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        index = beam_idx.to(self.device)
         for head in self.heads:
-            head.select_batch(beam_idx.to(self.device))
+            head.select_batch(index)
         self._release_shared()
+        if self.sink_stats is not None and self.sinks is not None:
+            self.sink_stats = (self.sink_stats[0][index], self.sink_stats[1][index])
+            self.sinks = self.sinks[index]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
@@ -532,9 +578,11 @@ class CompressedLayer(CacheLayerMixin):
         return sum(h.nbytes() for h in self.heads)
 
     def metadata_bytes(self) -> int:
-        """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts."""
-        return sum(h.held("positions") + h.held("state") + (h.evicted.nbytes if h.evicted is not None else 0)
-                   + (h.selection.nbytes() if h.selection is not None else 0) for h in self.heads)
+        """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts, and act's
+        statistics and sinks per position."""
+        act = sum(t.nbytes for t in (*(self.sink_stats or ()), *(() if self.sinks is None else (self.sinks,))))
+        return act + sum(h.held("positions") + h.held("state") + (h.evicted.nbytes if h.evicted is not None else 0)
+                         + (h.selection.nbytes() if h.selection is not None else 0) for h in self.heads)
 
     def kept(self) -> list[int]:
         """Tokens kept per KV head (not counting a compensation token)."""
@@ -568,10 +616,19 @@ class CompressedLayer(CacheLayerMixin):
         """Attention of ``query`` [B, Hq, q, d] over the kept tokens, head group by head group.
 
         Returns the output as [B, q, Hq, d], the layout transformers' attention functions return.
+
+        With the plan's ``act``, the KV heads whose query group holds a calibrated head attend by
+        :meth:`_calibrated_attention` (explicit weights, the calibrated rows recalibrated); every other head takes
+        the paths it takes without ``act``.
         """
         _, hq, q, _ = query.shape
         group = hq // len(self.heads)
-        one_product = q == 1 and attention_mask is None and self.plan.select is None and not torch.is_grad_enabled()
+        calibrating = self.calibrating(group)
+        counting = bool(calibrating) and q > 1 and not self.sealed  # a prompt's forward: its rows count for act
+        if counting:
+            self._grow_sink_stats(query.shape[0])
+        one_product = (q == 1 and attention_mask is None and self.plan.select is None and not torch.is_grad_enabled()
+                       and not calibrating)
         stacked = self._stacked() if one_product else None  # (the shared buffers record no gradient)
         if stacked is not None:  # a decoding step over every head's tokens: one product for all heads, over the
             keys, values, n = stacked  # whole buffers (contiguous: a slice of them would be copied by the product)
@@ -584,6 +641,10 @@ class CompressedLayer(CacheLayerMixin):
         for h, head in enumerate(self.heads):
             q_h = query[:, h * group : (h + 1) * group]
             whole = head.summary is None and head.keys.shape[1] == self.seen  # every token seen, at its position
+            if h in calibrating:
+                outputs.append(self._calibrated_attention(h, q_h, attention_mask, scaling, calibrating[h],
+                                                          counting and whole))
+                continue
             pattern = self.plan.sparse.for_head(self.layer_idx, h) if sparse else None
             if pattern is not None and whole:
                 outputs.append(self._sparse_attention(h, pattern, q_h, scaling))
@@ -611,9 +672,12 @@ class CompressedLayer(CacheLayerMixin):
         """Per KV head, the attention probabilities [B, G, q, m] (float32) of its query group over the tokens it
         holds, and those tokens' positions [B, m]: the weights :meth:`attend` uses, for callers that read
         attention (:mod:`headwise.explain.lookback`). A compensation summary comes first, at position -1. Call
-        it before :meth:`attend`, which may evict. Decode-time selection reads other tokens: it is refused."""
+        it before :meth:`attend`, which may evict. Decode-time selection reads other tokens, and act (sink
+        calibration) changes the weights: both are refused."""
         if self.plan.select is not None:
             raise HeadwiseError("attention weights are read over every held token: drop the decode-time selection")
+        if self.plan.act is not None:
+            raise HeadwiseError("attention weights are read without calibration: drop act (attention-sink calibration)")
         group = query.shape[1] // len(self.heads)
         weights = []
         for h, head in enumerate(self.heads):
@@ -627,6 +691,83 @@ class CompressedLayer(CacheLayerMixin):
                 positions = torch.cat([positions.new_full((positions.shape[0], 1), -1), positions], dim=1)
             weights.append((logits.softmax(dim=-1), positions))
         return weights
+
+    # act: attention-sink calibration ----------------------------------------------------------------------
+
+    def calibrating(self, group: int) -> dict[int, list[tuple[int, int]]]:
+        """The KV heads whose query group (``group`` query heads each) holds a calibrated head, each with its
+        calibrated heads as (index in the group, index in the statistics)."""
+        members: dict[int, list[tuple[int, int]]] = {}
+        for c, query_head in enumerate(self.calibrated):
+            members.setdefault(query_head // group, []).append((query_head % group, c))
+        return members
+
+    def _grow_sink_stats(self, batch: int) -> None:
+        """Make act's statistics and sinks cover every position seen (zeros and no sink for the new ones)."""
+        if self.sink_stats is None or self.sinks is None:
+            empty = torch.zeros(batch, len(self.calibrated), 0, dtype=torch.float32, device=self.device)
+            self.sink_stats, self.sinks = (empty, empty.clone()), empty.bool()
+        more = self.seen - self.sinks.shape[-1]
+        if more > 0:
+            self.sink_stats = tuple(F.pad(t, (0, more)) for t in self.sink_stats)
+            self.sinks = F.pad(self.sinks, (0, more))
+
+    def held_sinks(self, head: _Head, stats: list[int]) -> torch.Tensor | None:
+        """Which tokens ``head`` holds are sinks for the calibrated heads ``stats`` (indices in the statistics):
+        [B, len(stats), n] bool, gathered at the tokens' positions; a position with no statistics is no sink. None
+        when there are no sinks at all."""
+        if self.sinks is None or not self.sinks[:, stats].any():
+            return None
+        positions = head.positions.long()
+        last = self.sinks.shape[-1] - 1
+        index = positions.clamp(max=last)[:, None].expand(-1, len(stats), -1)
+        return self.sinks[:, stats].gather(-1, index) & (positions <= last)[:, None]
+
+    def _calibrated_attention(self, h: int, q_h: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+                              members: list[tuple[int, int]], count: bool) -> torch.Tensor:
+        """Attention [B, G, q, d] of KV head ``h``'s query group ``q_h`` [B, G, q, d] with ACT on its ``members``
+        (:meth:`calibrating`), a block of queries at a time (never the whole [q, n] matrix), weights in float32.
+
+        With ``count`` (a prompt's multi-token forward while the head holds every token it has seen, so a column
+        is a position) it takes two passes: the first adds the members' weights to the attention received per
+        position and the rows that could see it to the viewers, then finds the sinks
+        (:func:`headwise.act.hidden_sinks`); the second recomputes the weights and recalibrates the members' rows.
+        Otherwise (decoding steps, a question after the context was sealed, forwards after eviction) one pass
+        recalibrates with the sinks found so far, at the positions the head holds. In a chunked prefill each chunk's
+        rows are thus calibrated with the sinks found up to it, its own rows included. The policy observes the
+        uncalibrated attention it would observe without act (:meth:`_feed_policy`).
+        """
+        assert self.plan.act is not None
+        head = self.heads[h]
+        local, stats = [g for g, _ in members], [c for _, c in members]
+        q = q_h.shape[2]
+        keys, values = head.keys[:, None].float().transpose(-1, -2), head.values[:, None]
+        blocks = [slice(start, min(q, start + QUERY_BLOCK)) for start in range(0, q, QUERY_BLOCK)]
+        if count:
+            self._count_sinks(head, q_h[:, local], keys, attention_mask, scaling, stats, blocks)
+        sinks = self.held_sinks(head, stats)
+        output = q_h.new_empty(q_h.shape)
+        for rows in blocks:
+            probs = _probabilities(q_h[:, :, rows], keys, self._allowed(head, attention_mask, q, rows), scaling)
+            if sinks is not None:
+                probs[:, local] = recalibrate(probs[:, local], sinks[:, :, None, :], self.plan.act.beta)
+            output[:, :, rows] = torch.matmul(probs.to(values.dtype), values)
+        return output
+
+    @torch.no_grad()  # statistics that outlive the forward, not a function to differentiate
+    def _count_sinks(self, head: _Head, q_c: torch.Tensor, keys_t: torch.Tensor, attention_mask: torch.Tensor | None,
+                     scaling: float, stats: list[int], blocks: list[slice]) -> None:
+        """Pass 1 of :meth:`_calibrated_attention`: add the weights of the calibrated queries ``q_c`` [B, C, q, d]
+        over ``head``'s keys (transposed, float32: ``keys_t`` [B, 1, d, n]) to their statistics ``stats``, block by
+        block of query rows, then find their sinks. The head holds every token it has seen: column j is position j."""
+        assert self.plan.act is not None and self.sink_stats is not None and self.sinks is not None
+        received, viewers = self.sink_stats
+        q, n = q_c.shape[2], keys_t.shape[-1]
+        for rows in blocks:
+            allowed = self._allowed(head, attention_mask, q, rows)
+            received[:, stats, :n] += _probabilities(q_c[:, :, rows], keys_t, allowed, scaling).sum(dim=2)
+            viewers[:, stats, :n] += allowed.sum(dim=2).float() if allowed is not None else rows.stop - rows.start
+        self.sinks[:, stats] = hidden_sinks(received[:, stats], viewers[:, stats], self.plan.act.threshold)
 
     def _only_causal(self, attention_mask: torch.Tensor | None, q: int) -> bool:
         """Whether the mask of this forward's ``q`` queries is plain causal over the ``seen`` tokens (no padding),
@@ -673,7 +814,8 @@ class CompressedLayer(CacheLayerMixin):
                      reconstruction: torch.Tensor | None = None) -> None:
         """After a forward's attention: give each head's policy the attention rows it needs (a reconstructing
         policy gets its row of ``reconstruction`` [B, H, n]), then compress (only while compressing: see
-        :meth:`_compressing`)."""
+        :meth:`_compressing`). The rows are computed here afresh, so with the plan's ``act`` a policy observes the
+        uncalibrated attention, as it would without calibration."""
         _, hq, q, _ = query.shape
         if not self._compressing(q):
             return
@@ -792,7 +934,7 @@ class HeadwiseCache(Cache):
         super().__init__(layers=layers)
         self.model_config = config
         plan.policy.bind(config)
-        for part in (plan.select, plan.sparse):
+        for part in (plan.select, plan.sparse, plan.act):
             if part is not None:
                 part.bind(config)
         self.plan = plan
@@ -886,7 +1028,8 @@ class HeadwiseCache(Cache):
 
         Per compressed layer ``i`` and KV head ``h``: ``i.h.keys``, ``.values``, ``.positions``, ``.state`` (and
         the compensation token's ``.summary_keys``, ``.summary_values``, ``.evicted`` once it exists), plus the
-        layer's logical length ``i.seen``. A transformers layer (sliding window) is saved as ``i.keys``,
+        layer's logical length ``i.seen`` (and act's statistics per position, ``i.sink_received`` and
+        ``i.sink_viewers``, where it calibrates). A transformers layer (sliding window) is saved as ``i.keys``,
         ``i.values`` and its logical length ``i.seen``. :meth:`from_tensors` reads them back.
         """
         out: dict[str, torch.Tensor] = {}
@@ -897,6 +1040,8 @@ class HeadwiseCache(Cache):
             if not isinstance(layer, CompressedLayer):
                 out[f"{i}.keys"], out[f"{i}.values"] = layer.keys.contiguous(), layer.values.contiguous()
                 continue
+            if layer.sink_stats is not None:
+                out[f"{i}.sink_received"], out[f"{i}.sink_viewers"] = (t.clone() for t in layer.sink_stats)
             for h, head in enumerate(layer.heads):
                 named = {"keys": head.keys, "values": head.values, "positions": head.positions, "state": head.state}
                 if head.summary is not None:
@@ -929,6 +1074,9 @@ class HeadwiseCache(Cache):
                     head.summary = (tensors[f"{i}.{h}.summary_keys"], tensors[f"{i}.{h}.summary_values"])
                     head.evicted = tensors[f"{i}.{h}.evicted"]
             layer.seen, layer.prompt_checked = seen, True
+            if f"{i}.sink_received" in tensors and plan.act is not None and layer.calibrated:
+                layer.sink_stats = (tensors[f"{i}.sink_received"], tensors[f"{i}.sink_viewers"])
+                layer.sinks = hidden_sinks(*layer.sink_stats, plan.act.threshold)
         cache.seal()
         return cache
 

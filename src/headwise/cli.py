@@ -89,23 +89,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from headwise.api import make_plan
 
         make_plan(args.policy, ratio=args.ratio, budget=args.budget, mode=mode, options=options, select=args.select,
-                  sparse=args.sparse)
-    elif args.select is not None or args.sparse is not None:
+                  sparse=args.sparse, act=args.act)
+    elif args.select is not None or args.sparse is not None or args.act is not None:
         from headwise.api import make_plan
 
-        make_plan("full", select=args.select, sparse=args.sparse)
+        make_plan("full", select=args.select, sparse=args.sparse, act=args.act)
     lm = load_model(args.model, dtype=args.dtype)
     room = prompt_room(lm.info.context_length, args.max_new_tokens)
     ids = build_prompt(lm, text, chat=False if args.no_chat else None, max_tokens=room if args.truncate else None)
     check_length(ids, lm.info.context_length, args.max_new_tokens)
     cache = None
     policy_note = "full cache"
-    if args.policy is not None or args.select is not None or args.sparse is not None:
+    if args.policy is not None or args.select is not None or args.sparse is not None or args.act is not None:
         from headwise.api import make_cache
 
         cache = make_cache(
             lm.model, args.policy or "full", ratio=args.ratio, budget=args.budget, mode=mode,
-            prompt_length=len(ids), options=options, select=args.select, sparse=args.sparse,
+            prompt_length=len(ids), options=options, select=args.select, sparse=args.sparse, act=args.act,
         )
         policy_note = cache.describe()
     result = generate(
@@ -147,6 +147,7 @@ def cmd_policies(args: argparse.Namespace) -> None:
             print(f"{flag} {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
             print(f"  options: {options}")
     print("--sparse PLAN.json: a pattern per KV head, from `headwise sparse-plan`")
+    print("--act PROFILE.json[:beta=0.4,threshold=0.1]: ACT attention-sink calibration of the profile's sink heads")
 
 
 #: The head kinds of :func:`headwise.policies.headwise.head_kinds`, each with its pattern in a sparse plan (their
@@ -214,6 +215,11 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                    help="sparse prefill: each prefill forward computes only the attention blocks the pattern "
                         "selects, e.g. ashape:local_blocks=4 (see `headwise policies`), or a plan file from "
                         "`headwise sparse-plan` (PLAN.json); with or without --policy")
+    p.add_argument("--act", default=None, metavar="PROFILE.json[:beta=B,threshold=T]",
+                   help="ACT attention-sink calibration: in the heads the profile labels sink, attention to hidden "
+                        "sinks found in the prompt (mean received above threshold, default 0.1; the first one left "
+                        "alone) is scaled by beta (default 0.4) and given to the other keys; with or without "
+                        "--policy, not with --select, --sparse or a policy that needs a dense prefill (kvzip)")
     add_threads_option(p)
     add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while the prompt is prefilled")

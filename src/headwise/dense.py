@@ -12,7 +12,8 @@ and next logits are identical to the direct path.
 
 It holds for a context prefilled in one forward with ``mode="prefill"``. A chunked prefill compresses between
 chunks (later chunks see fewer keys) and ``mode="decode"`` compresses while generating: both must take the
-direct path (:func:`headwise.generation.prefill` with a cache from :func:`headwise.api.make_cache`).
+direct path (:func:`headwise.generation.prefill` with a cache from :func:`headwise.api.make_cache`), and so must a
+plan with ``act`` (attention-sink calibration changes the attention, hence the next layers' inputs): it is refused.
 
 Memory: the capture holds the uncompressed keys and values plus every layer's queries (for SmolLM2 at 4K
 tokens about 0.2 GB and 0.3 GB), for as long as it is kept.
@@ -141,6 +142,7 @@ def compress(model: torch.nn.Module, dense: DenseContext, plan: Plan,
     """
     if plan.mode != "prefill":
         raise ValueError("a cache built from a dense prefill must be in prefill mode")
+    _refuse_act(plan)
     model.set_attn_implementation(headwise.attention.NAME)
     cache = _filled(HeadwiseCache(model.config, plan), dense, reconstruction)
     cache.allocate()  # a global allocation compares every layer's scores, now all known
@@ -155,6 +157,7 @@ def prefill(model: torch.nn.Module, ids: list[int], plan: Plan,
     ``repeat`` is what :func:`reconstruct` feeds after the prompt (the request to repeat it, then the text to
     copy, as ids); a policy that reconstructs needs it, and no other policy uses it.
     """
+    _refuse_act(plan)
     dense = capture(model, torch.tensor([ids]))
     rows = None
     if plan.policy.reconstructs():
@@ -163,6 +166,13 @@ def prefill(model: torch.nn.Module, ids: list[int], plan: Plan,
                                 "reconstruction")
         rows = reconstruct(model, dense, *repeat)
     return compress(model, dense, plan, rows), dense.logits
+
+
+def _refuse_act(plan: Plan) -> None:
+    """A dense prefill attends without act's calibration, which the cache it builds would then lack."""
+    if plan.act is not None:
+        raise HeadwiseError("a cache with act (attention-sink calibration) is not built from a dense prefill, which "
+                            "attends without calibration: prefill it with headwise.generation.prefill")
 
 
 def _filled(cache: HeadwiseCache, dense: DenseContext,

@@ -12,13 +12,15 @@ from headwise.errors import HeadwiseError
 T = TypeVar("T")
 
 
-def build(registry: dict[str, type[T]], what: str, name: str, options: dict[str, Any] | None = None) -> T:
+def build(registry: dict[str, type[T]], what: str, name: str, options: dict[str, Any] | None = None,
+          given: dict[str, Any] | None = None) -> T:
     """The ``what`` named ``name`` in ``registry``, built with ``options`` (strings converted to each field's
-    type); an unknown name or option is refused with the known ones."""
+    type) and the fields ``given`` by the caller as they are (not options: a required field, say); an unknown name
+    or option is refused with the known ones."""
     if name not in registry:
         raise HeadwiseError(f"unknown {what} '{name}'; available: {', '.join(registry)}")
     cls = registry[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in (given or {})}
     unknown = sorted(set(options or {}) - set(fields))
     if unknown:
         raise HeadwiseError(f"unknown option(s) {', '.join(unknown)} for {what} '{name}'; "
@@ -30,7 +32,7 @@ def build(registry: dict[str, type[T]], what: str, name: str, options: dict[str,
             converted[key] = kind(value)
         except ValueError as exc:
             raise HeadwiseError(f"{what} option {key}={value}: expected a {kind.__name__}") from exc
-    return cls(**converted)
+    return cls(**converted, **(given or {}))
 
 
 def parse_spec(what: str, text: str) -> tuple[str, dict[str, str]]:

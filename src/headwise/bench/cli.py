@@ -108,7 +108,7 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         protocols=["agnostic", "aware"] if args.protocol == "both" else [args.protocol], n_samples=args.samples,
         seed=args.seed, options=parse_method_options(args.option), chunk_size=args.chunk_size,
         calibration_seed=args.calibration_seed, calibration_samples=args.calibration_samples, sparse=args.sparse,
-        dtype=resolve_dtype(args.dtype),
+        act=args.act, dtype=resolve_dtype(args.dtype),
     )
     lm = load_model(args.model, dtype=args.dtype)
     samples = task_samples(lm, cells, depths)
@@ -193,6 +193,11 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="also run the full cache and every method with this sparse prefill (repeatable; see "
                         "`headwise policies` and `headwise sparse-plan`); each answer is measured against the dense "
                         "full cache's")
+    p.add_argument("--act", action="append", default=[], metavar="PROFILE.json[:beta=B,threshold=T]",
+                   help="also run the full cache and every method with ACT attention-sink calibration of the "
+                        "profile's sink heads (repeatable; default beta 0.4, threshold 0.1); each answer is measured "
+                        "against the uncalibrated full cache's; methods built from a dense prefill (kvzip) and "
+                        "selection rules are refused")
     add_threads_option(p)
     add_dtype_option(p)
     p.add_argument("--out", default="runs/bench", help="output folder (tasks, results.jsonl, report)")

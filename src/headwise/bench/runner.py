@@ -137,7 +137,8 @@ def _file_digest(path: str) -> str:
 
 def resolved_options(plan: Plan) -> dict:
     """Every option of a plan, defaults included: the policy's fields, the plan options and the mode; an input
-    file (``profile``) also by the digest of its content, so a cell's key changes when the file does."""
+    file (``profile``, a sparse plan, act's profile) also by the digest of its content, so a cell's key changes when
+    the file does."""
     policy = {f.name: getattr(plan.policy, f.name) for f in dataclasses.fields(plan.policy)}
     if policy.get("profile"):
         policy["profile_sha256"] = _file_digest(policy["profile"])
@@ -149,8 +150,9 @@ def resolved_options(plan: Plan) -> dict:
         sparse = {"plan": plan.sparse.file, "sha256": _file_digest(plan.sparse.file)}
     elif plan.sparse is not None:
         sparse = plan.sparse.describe()
+    act = {"calibration": plan.act.describe(), "sha256": _file_digest(plan.act.profile)} if plan.act else None
     return {**policy, **{name: getattr(plan, name) for name in PLAN_OPTIONS}, "mode": plan.mode, "select": select,
-            **({"sparse": sparse} if sparse else {})}
+            **({"sparse": sparse} if sparse else {}), **({"act": act} if act else {})}
 
 
 @dataclass(frozen=True)
@@ -191,21 +193,22 @@ class Cell:
 
     @property
     def shares_prefill(self) -> bool:
-        """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`)."""
-        return self.protocol == "agnostic" and self.chunk_size is None and "sparse" not in self.options
+        """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`): not with sparse prefill
+        or act, which attend otherwise than the dense forward."""
+        return (self.protocol == "agnostic" and self.chunk_size is None and "sparse" not in self.options
+                and "act" not in self.options)
 
 
 def plan_arguments(method: str, ratio: float, options: dict) -> dict:
     """What :func:`headwise.api.make_plan` builds a method's plan from: a policy removing ``ratio`` of the cache,
     or a selection rule (:data:`headwise.select.SELECTORS`) over the whole cache whose decoding steps read
     ``1 - ratio`` of it (as many tokens as eviction at that ratio keeps); the option ``sparse`` (``--sparse``)
-    adds sparse prefill to either."""
+    adds sparse prefill to either, the option ``act`` (``--act``) attention-sink calibration."""
     options = dict(options)
-    sparse = options.pop("sparse", None)
+    extra = {"sparse": options.pop("sparse", None), "act": options.pop("act", None)}
     if method in SELECTORS:
-        return {"policy": FULL, "sparse": sparse,
-                "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
-    return {"policy": method, "ratio": ratio if method != FULL else None, "options": options, "sparse": sparse}
+        return {"policy": FULL, **extra, "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
+    return {"policy": method, "ratio": ratio if method != FULL else None, "options": options, **extra}
 
 
 def plan_cells(
@@ -223,15 +226,18 @@ def plan_cells(
     calibration_seed: int | None = CALIBRATION_SEED,
     calibration_samples: int | None = None,
     sparse: Sequence[str] = (),
+    act: Sequence[str] = (),
     dtype: str = "float32",
 ) -> list[Cell]:
     """The cells of a sweep: the calibration gate (the full cache on ``calibration_seed``, ``calibration_samples``
     contexts, default ``n_samples``; None: no gate), then per task and length the full cache and every method x
     ratio x protocol, and all of them again with each sparse prefill pattern or plan of ``sparse`` (the option
-    ``sparse``; the dense full cache stays the reference).
+    ``sparse``), and again with each attention-sink calibration of ``act`` (the option ``act``); the dense full
+    cache without calibration stays the reference.
 
     Everything is checked first, with no model: protocols, ratios, the chunk size, seeds, and each method's
-    options (by building its plan at every ratio); options for a method that is not run are refused.
+    options (by building its plan at every ratio); options for a method that is not run are refused, and so is a
+    method that cannot take a calibration of ``act`` (one built from a dense prefill, a selection rule).
     """
     unknown = sorted(set(protocols) - set(PROTOCOLS))
     if unknown:
@@ -273,7 +279,7 @@ def plan_cells(
     for task in tasks:
         for length in lengths:
             run = dict(task=task, length=length, n_samples=n_samples, seed=seed)
-            for extra in [None, *({"sparse": spec} for spec in sparse)]:
+            for extra in [None, *({"sparse": spec} for spec in sparse), *({"act": spec} for spec in act)]:
                 cells.append(cell(FULL, 0.0, protocol="agnostic", extra=extra, **run))
                 cells += [cell(m, r, protocol=p, extra=extra, **run)
                           for m in compressing for r in ratios if r > 0 for p in protocols]
