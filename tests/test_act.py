@@ -110,6 +110,9 @@ def test_calibration_options_and_spec(tmp_path):
         parse_calibration(act_profile(tmp_path / "none", [["mixed"] * 4] * 3))
     with pytest.raises(HeadwiseError, match="the model has"):
         make_cache(tiny_model("qwen3"), "full", act=path)
+    (tmp_path / "short").mkdir()  # a profile of fewer layers than the model: refused before a layer reads it
+    with pytest.raises(HeadwiseError, match="the model has"):
+        make_cache(tiny_model("llama"), "full", act=act_profile(tmp_path / "short", [["sink"] * 4] * 2))
 
 
 def test_act_is_refused_where_attention_takes_another_path(tmp_path):

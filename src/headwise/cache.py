@@ -924,6 +924,10 @@ class HeadwiseCache(Cache):
         unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
         if unknown:
             raise HeadwiseError(f"layer types {unknown} are not supported by the headwise cache")
+        plan.policy.bind(config)  # every part checked against the model before a layer reads it
+        for part in (plan.select, plan.sparse, plan.act):
+            if part is not None:
+                part.bind(config)
         full = [i for i, t in enumerate(layer_types) if t == "full_attention"]
         fractions = dict(zip(full, layer_fractions(len(full), plan.schedule, plan.slope), strict=True))
         dense = DynamicCache(config=config).layers  # transformers' own layer for each sliding layer
@@ -933,10 +937,6 @@ class HeadwiseCache(Cache):
         ]
         super().__init__(layers=layers)
         self.model_config = config
-        plan.policy.bind(config)
-        for part in (plan.select, plan.sparse, plan.act):
-            if part is not None:
-                part.bind(config)
         self.plan = plan
 
     @property
