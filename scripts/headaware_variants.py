@@ -31,7 +31,7 @@ from pathlib import Path
 from headwise.bench import runner
 from headwise.bench.cli import check_tasks, split_list, task_samples
 from headwise.bench.intervals import bootstrap_mean, excludes_zero, paired_difference
-from headwise.bench.store import read_records, unpack
+from headwise.bench.store import read_records
 from headwise.checks import check_output_file, set_threads
 from headwise.errors import HeadwiseError, run_cli
 from headwise.models import load_model
@@ -133,7 +133,6 @@ def run(args: argparse.Namespace, variants: list[tuple[str, dict[str, str]]],
             cells.setdefault(cell.key(), (None if cell.is_reference else name, cell))
     lm = load_model(args.model)
     samples = task_samples(lm, [c for _, c in cells.values()], split_list(args.depths, float, "depth"))
-    unpack(store)  # a committed store (its .gz copy only) resumes
     label = runner.Peer(runner.LIBRARY, runner.fingerprint(), runner.provenance(),  # headwise's sweep, with the
                         lambda questions: runner.Context(lm, questions),  # variant's name added to each record
                         lambda ctx, cell, record: {"variant": cells[cell.key()][0]})

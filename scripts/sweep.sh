@@ -74,7 +74,6 @@ case $what in
         bench --methods kvzip --ratios 0.5,0.75,0.9 --calibration-samples 1 --out "results/$model-$length-kvzip" ;;
     kvpress)
         bench --out "$out" --tasks-only
-        .venv/bin/python -c "from pathlib import Path; from headwise.bench.store import unpack; unpack(Path('$store'))"
         for names in passkey,multikey vartrack,qa frequent; do  # the headline's tasks first
             .venv-kvpress/bin/python scripts/peers/kvpress_runner.py --tasks "$out/tasks" --lengths "$length" \
                 --task-names $names --ratios 0.5,0.75,0.9 --threads 1 --dtype float32 --out "$store"

@@ -318,6 +318,21 @@ def test_a_part_run_on_other_task_content_is_not_reused(tmp_path, lm, samples):
     assert len(again) == len(first) and {r["key"] for r in again}.isdisjoint(r["key"] for r in first)
 
 
+def test_a_sweep_over_a_committed_copy_only_adds_to_its_records(tmp_path, lm, samples):
+    """A clean clone holds a store as its packed copy only; a sweep that extends it restores the store first, so the
+    copy packed afterwards holds the old parts and the new ones (not the new ones alone)."""
+    path = tmp_path / "results.jsonl"
+    first = run(lm, cells(methods=("streaming_llm",)), samples, path)
+    store.pack(path)
+    path.unlink()
+    more = run(lm, cells(methods=("streaming_llm", "knorm")), samples, path)
+    assert more and {r["method"] for r in more} == {"knorm"}  # the committed parts were not run again
+    store.pack(path)
+    path.unlink()
+    kept = {r["key"] for r in store.read_records(path)}
+    assert kept == {r["key"] for r in first + more}
+
+
 def test_interrupted_sweep_resumes_without_loss_or_duplicates(tmp_path, lm, samples, monkeypatch):
     path = tmp_path / "results.jsonl"
     planned = cells(methods=("streaming_llm", "knorm"))

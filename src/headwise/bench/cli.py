@@ -120,7 +120,6 @@ def run_sweep(args: argparse.Namespace, out: Path) -> None:
         print(f"wrote {len(samples)} task files to {out / 'tasks'}")
         return
     results = out / RESULTS
-    store.unpack(results)
     try:
         runner.sweep(lm, cells, lambda t, n, seed: samples[(t, n, seed)], results, progress=not args.no_progress,
                      allow_mixed=args.allow_mixed_versions, share_prefill=not args.direct_prefill)

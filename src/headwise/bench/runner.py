@@ -59,7 +59,7 @@ from headwise import dense
 from headwise.api import PLAN_OPTIONS, make_cache, make_plan
 from headwise.bench.calibration import CALIBRATION_SEED, FULL
 from headwise.bench.protocol import Answer, answer, context_parts, follow, reconstruction_parts
-from headwise.bench.store import append_record, read_records, repair
+from headwise.bench.store import append_record, read_records, repair, unpack
 from headwise.bench.tasks import Sample
 from headwise.cache import HeadwiseCache, Plan
 from headwise.checks import check_chunk_size
@@ -508,7 +508,9 @@ def sweep(
     """Run the parts of ``cells`` not yet in ``store``, appending each record as soon as it is done.
 
     ``samples_for(task, length, seed)`` gives the samples (questions, context by context). Interrupt at any
-    time: re-running the same sweep runs only what is missing. First the store's torn lines are moved aside
+    time: re-running the same sweep runs only what is missing. First a store present only as its committed
+    compressed copy is restored (:func:`headwise.bench.store.unpack`: new parts then append to its records, never
+    start a store that would replace the copy when packed), its torn lines are moved aside
     (:func:`headwise.bench.store.repair`), its fingerprint is checked, and one cache per method is built, so a
     method that does not fit the model fails before any cell runs. ``share_prefill=False`` builds every cache
     by its own prefill (the direct path: the same results, proven in tests/test_dense.py, at the old cost), to
@@ -517,6 +519,7 @@ def sweep(
     from tqdm.auto import tqdm
 
     library, current = (peer.library, peer.fingerprint) if peer else (LIBRARY, fingerprint())
+    unpack(store)
     repair(store)
     stored = {r["key"]: r for r in read_records(store)}
     check_versions(stored.values(), library, current, allow_mixed=allow_mixed)
