@@ -42,7 +42,7 @@ def main() -> None:
     compressed = [{**r, "variant": LABELS[r["method"]]} for r in records if r["method"] in LABELS]
     if not compressed:
         raise HeadwiseError(f"no question-aware records of {', '.join(sorted(tasks))} under {folder}")
-    rows = summarise(compressed, list(LABELS.values()))
+    rows = summarise(compressed, list(LABELS.values()), versus=PEER)
     print("| question-aware | 75% removed | vs OpenVINO | 90% removed | vs OpenVINO |")
     print("| --- | --- | --- | --- | --- |")
     for label in LABELS.values():
