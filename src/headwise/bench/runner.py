@@ -72,6 +72,9 @@ from headwise.select import SELECTORS, make_selector
 from headwise.sparse.plan import SparsePlan
 
 PROTOCOLS = ("agnostic", "aware")
+#: Cell options that change how the prefill attends (``--sparse``, ``--act``): plan arguments, not a policy's
+#: options, and a cell with one prefills on its own (the shared dense forward would attend otherwise).
+PREFILL_OPTIONS = ("sparse", "act")
 LIBRARY = "headwise"
 #: Modules that do not change a result: reporting, command lines, profiling (a profile enters a key by its
 #: content), input checks and the store itself. Every other module of the package is in the fingerprint.
@@ -193,10 +196,10 @@ class Cell:
 
     @property
     def shares_prefill(self) -> bool:
-        """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`): not with sparse prefill
-        or act, which attend otherwise than the dense forward."""
-        return (self.protocol == "agnostic" and self.chunk_size is None and "sparse" not in self.options
-                and "act" not in self.options)
+        """Whether the cache can be built from a shared dense prefill (:mod:`headwise.dense`): not with one of
+        :data:`PREFILL_OPTIONS`, which attend otherwise than the dense forward."""
+        return (self.protocol == "agnostic" and self.chunk_size is None
+                and not any(name in self.options for name in PREFILL_OPTIONS))
 
 
 def plan_arguments(method: str, ratio: float, options: dict) -> dict:
@@ -205,7 +208,7 @@ def plan_arguments(method: str, ratio: float, options: dict) -> dict:
     ``1 - ratio`` of it (as many tokens as eviction at that ratio keeps); the option ``sparse`` (``--sparse``)
     adds sparse prefill to either, the option ``act`` (``--act``) attention-sink calibration."""
     options = dict(options)
-    extra = {"sparse": options.pop("sparse", None), "act": options.pop("act", None)}
+    extra = {name: options.pop(name, None) for name in PREFILL_OPTIONS}
     if method in SELECTORS:
         return {"policy": FULL, **extra, "select": make_selector(method, {**options, "fraction": round(1 - ratio, 12)})}
     return {"policy": method, "ratio": ratio if method != FULL else None, "options": options, **extra}
