@@ -580,7 +580,7 @@ class CompressedLayer(CacheLayerMixin):
     def metadata_bytes(self) -> int:
         """Bytes of bookkeeping: original positions and policy state of the kept tokens, eviction counts, and act's
         statistics and sinks per position."""
-        act = sum(t.nbytes for t in (*(self.sink_stats or ()), *(() if self.sinks is None else (self.sinks,))))
+        act = 0 if self.sinks is None else self.sinks.nbytes + sum(t.nbytes for t in self.sink_stats or ())
         return act + sum(h.held("positions") + h.held("state") + (h.evicted.nbytes if h.evicted is not None else 0)
                          + (h.selection.nbytes() if h.selection is not None else 0) for h in self.heads)
 
